@@ -1,0 +1,35 @@
+# `make demo` and `make test` each create the virtualenv on first use (CPU or GPU machine alike).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+
+.PHONY: venv demo test test-fast bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-test.txt requirements-reference.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$$(grep -E '^torch==' requirements.txt)"   # torch alone first (see requirements.txt)
+	$(PIP) install --quiet --no-build-isolation -r requirements.txt -r requirements-test.txt
+	$(PIP) install --quiet --no-deps -r requirements-reference.txt
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m retro_dist.smoke
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) bench/model_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

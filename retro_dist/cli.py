@@ -1,0 +1,82 @@
+"""`retro-dist`: one console script, one subcommand per stage. Bad input exits non-zero with one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from retro_dist import RETRO
+    from retro_dist.convert import config_from_retro_pytorch, from_retro_pytorch, infer_config, to_retro_pytorch
+
+    src, dst = Path(args.src), Path(args.dst)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist")
+    if args.to == "retro-dist":
+        state = torch.load(src, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or "token_emb.weight" not in state:
+            raise ValueError(f"{src} is not a RETRO-pytorch state dict (no token_emb.weight); save one with "
+                             f"torch.save(retro.state_dict(), path)")
+        if args.kwargs:
+            config = config_from_retro_pytorch(json.loads(Path(args.kwargs).read_text()))
+        else:
+            config = infer_config(state, chunk_size=args.chunk_size, pad_id=args.pad_id)
+        model = RETRO(config)
+        try:
+            model.load_state_dict(from_retro_pytorch(state, config), strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{src} does not fit the config ({str(e).splitlines()[0]}); "
+                             f"pass the kwargs it was built with as --kwargs FILE.json") from None
+        model.save_pretrained(dst)
+        print(f"wrote {dst} ({model.num_parameters:,} parameters, config {dst / 'config.json'})")
+    else:
+        model = RETRO.from_pretrained(src)
+        state = to_retro_pytorch(model.state_dict(), model.config)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, dst)
+        kwargs_path = dst.with_name(dst.name + ".kwargs.json")
+        kwargs_path.write_text(model.config.to_json() + "\n")
+        print(f"wrote {dst}; build the model with retro_pytorch.RETRO(**json.load(open('{kwargs_path}')))")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retro-dist", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    convert = sub.add_parser("convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                             help="convert weights between RETRO-pytorch and retro_dist, exactly",
+                             description="RETRO-pytorch state dict (.pt) <-> retro_dist model directory.")
+    convert.add_argument("src", help="RETRO-pytorch state dict file (--to retro-dist) or retro_dist model dir")
+    convert.add_argument("dst", help="retro_dist model dir (--to retro-dist) or .pt file (--to retro-pytorch)")
+    convert.add_argument("--to", choices=["retro-dist", "retro-pytorch"], default="retro-dist")
+    convert.add_argument("--kwargs", help="JSON file of the RETRO-pytorch RETRO(...) kwargs; without it the "
+                                          "config is read from the weights' shapes")
+    convert.add_argument("--chunk-size", type=int, default=64, help="chunk size, when inferring the config")
+    convert.add_argument("--pad-id", type=int, default=0, help="pad id, when inferring the config")
+    convert.set_defaults(run=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"retro-dist {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Building blocks of RETRO: norms, rotary embeddings, attention, feed-forward, the residual wrapper.
+
+Shapes use the RETRO axis names: b batch, k chunks, r neighbors, n / m / j lengths, d width, h heads.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+ROTARY_DIM = 32  # partial rotary embeddings: min(dim_head, 32) dims of each head, dim_head >= 32 always
+
+
+class RMSNorm(nn.Module):
+    """x / max(||x|| / sqrt(d), eps) * weight, optionally gated by sigmoid(x * gate) (RETRO-pytorch's RMSNorm)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-8, gated: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.gate = nn.Parameter(torch.ones(dim)) if gated else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        # rms_norm's eps sits under the square root: eps**2 there equals clamping the rms at eps
+        out = F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps ** 2)
+        if self.gate is None:
+            return out
+        return out * (x * self.gate).sigmoid()
+
+
+def make_norm(dim: int, *, gated_rmsnorm: bool, use_deepnet: bool) -> nn.Module:
+    """The norm RETRO-pytorch picks: gated RMSNorm wins over deepnet's LayerNorm, RMSNorm otherwise."""
+    if gated_rmsnorm:
+        return RMSNorm(dim, gated=True)
+    if use_deepnet:
+        return nn.LayerNorm(dim)
+    return RMSNorm(dim)
+
+
+class Rotary(nn.Module):
+    """Rotary position tables for the first ROTARY_DIM dims of each head."""
+
+    def __init__(self, dim: int = ROTARY_DIM):
+        super().__init__()
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions [n] -> (cos, sin), each [n, dim], in float32."""
+        freqs = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+RopeTable = tuple[Tensor, Tensor]
+
+
+def apply_rotary(t: Tensor, rope: RopeTable) -> Tensor:
+    """Rotate the first rotary dims of t [..., n, dim_head] by the (cos, sin) table [n, rot]."""
+    cos, sin = rope
+    rot = cos.shape[-1]
+    t_rot, t_pass = t[..., :rot], t[..., rot:]
+    x1, x2 = t_rot.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    t_rot = t_rot * cos.to(t.dtype) + rotated * sin.to(t.dtype)
+    return torch.cat((t_rot, t_pass), dim=-1)
+
+
+def key_padding_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """Boolean keep mask [B, j] -> additive bias [B, 1, 1, j]: 0 where kept, the dtype's lowest value where masked.
+
+    A finite bias (not -inf) is what RETRO-pytorch's masked_fill does: a row whose keys are all masked attends
+    uniformly instead of producing NaN.
+    """
+    bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    bias.masked_fill_(~keep, torch.finfo(dtype).min)
+    return rearrange(bias, "b j -> b 1 1 j")
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, *, heads: int, dim_head: int, causal: bool, dropout: float):
+        super().__init__()
+        self.heads, self.dim_head, self.causal, self.dropout = heads, dim_head, causal, dropout
+        inner = heads * dim_head
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+
+    def forward(self, x: Tensor, rope: RopeTable, *, bias: Tensor | None = None) -> Tensor:
+        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=self.causal,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class CrossAttention(nn.Module):
+    """Queries from x, keys/values from a context of another width; optional learned null key/value."""
+
+    def __init__(self, dim: int, *, context_dim: int, heads: int, dim_head: int, dropout: float, null_kv: bool):
+        super().__init__()
+        self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
+        inner = heads * dim_head
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(context_dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+        # lets a query attend to nothing, and keeps attention finite when every retrieved token is padding
+        self.null_kv = nn.Parameter(torch.randn(2, inner)) if null_kv else None
+
+    def forward(self, x: Tensor, context: Tensor, *, q_rope: RopeTable, k_rope: RopeTable,
+                bias: Tensor | None = None) -> Tensor:
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.to_kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
+        q, k = apply_rotary(q, q_rope), apply_rotary(k, k_rope)
+        if self.null_kv is not None:
+            null_k, null_v = rearrange(self.null_kv.to(k.dtype), "two (h d) -> two 1 h 1 d", h=self.heads)
+            k = torch.cat((null_k.expand(k.shape[0], -1, -1, -1), k), dim=-2)
+            v = torch.cat((null_v.expand(v.shape[0], -1, -1, -1), v), dim=-2)
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class ChunkedCrossAttention(nn.Module):
+    """Each chunk's last token and the next chunk's first chunk_size - 1 tokens attend to that chunk's neighbors.
+
+    The shift keeps causality: a position never reads neighbors retrieved with tokens it has not seen.
+    """
+
+    def __init__(self, dim: int, *, chunk_size: int, heads: int, dim_head: int, dropout: float):
+        super().__init__()
+        self.chunk_size = chunk_size
+        self.attn = CrossAttention(dim, context_dim=dim, heads=heads, dim_head=dim_head, dropout=dropout,
+                                   null_kv=True)
+
+    def forward(self, x: Tensor, context: Tensor, *, q_rope: RopeTable, k_rope: RopeTable,
+                bias: Tensor | None) -> Tensor:
+        """x [b, n, d], context [b, k, r, m, d] (encoded neighbors), bias [(b k), 1, 1, 1 + r m] -> [b, n, d]."""
+        b, n, _ = x.shape
+        num_chunks, cs = context.shape[1], self.chunk_size
+        if num_chunks == 0:
+            return torch.zeros_like(x)
+        shift = cs - 1
+        # queries of chunk i: positions i*cs + cs-1 ... (i+1)*cs + cs-2, zero-padded past the sequence end
+        queries = F.pad(x[:, shift:], (0, 0, 0, shift))[:, : num_chunks * cs]
+        queries = rearrange(queries, "b (k n) d -> (b k) n d", k=num_chunks)
+        context = rearrange(context, "b k r m d -> (b k) (r m) d")
+        out = self.attn(queries, context, q_rope=q_rope, k_rope=k_rope, bias=bias)
+        out = rearrange(out, "(b k) n d -> b (k n) d", b=b)
+        # back to sequence positions: the first cs-1 positions and the tail past the last chunk get zeros
+        out = F.pad(out, (0, 0, shift, 0))[:, :n]
+        return F.pad(out, (0, 0, 0, n - out.shape[1]))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, *, mult: int = 4, dropout: float):
+        super().__init__()
+        inner = int(mult * dim)
+        self.ff = nn.Sequential(nn.Linear(dim, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ff(x)
+
+
+class Residual(nn.Module):
+    """Pre-norm (fn(norm(x)) + x) or deepnet post-norm (norm(fn(x) + scale * x)) around a sublayer."""
+
+    def __init__(self, fn: nn.Module, norm: nn.Module, *, post_norm: bool, scale_residual: float):
+        super().__init__()
+        self.fn, self.norm = fn, norm
+        self.post_norm, self.scale_residual = post_norm, scale_residual
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.post_norm:
+            return self.norm(self.fn(x, *args, **kwargs) + x * self.scale_residual)
+        return self.fn(self.norm(x), *args, **kwargs) + x
+
+
+NormFactory = Callable[[int], nn.Module]

@@ -1,0 +1,280 @@
+"""RETRO (Borgeaud et al. 2022), computing the same function as RETRO-pytorch 0.3.9 with fused, SDPA-based layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .config import RetroConfig
+from .layers import (ChunkedCrossAttention, CrossAttention, FeedForward, Residual, RopeTable, Rotary,
+                     SelfAttention, key_padding_bias, make_norm)
+
+
+@dataclass
+class RetrievalInputs:
+    """Per-forward constants of the retrieval path: rotary tables and attention biases (no grad)."""
+
+    enc_rope: RopeTable  # encoder self-attention over a neighbor: positions 0..m-1
+    enc_cross_q_rope: RopeTable  # encoder cross-attention queries: r neighbors folded into one row, 0..m-1 each
+    enc_cross_k_rope: RopeTable  # the sequence chunk it reads: 0..cs-1
+    enc_bias: Tensor  # [(b k r), 1, 1, m]: masks pad tokens of each neighbor
+    cca_q_rope: RopeTable
+    cca_k_rope: RopeTable
+    cca_bias: Tensor  # [(b k), 1, 1, 1 + r m]: null key always kept, pad tokens masked
+    num_neighbors: int
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, config: RetroConfig, *, has_cross_attn: bool):
+        super().__init__()
+        c, dim = config, config.enc_dim
+        wrap = dict(post_norm=c.use_deepnet, scale_residual=c.resolved_enc_scale_residual)
+        norm = lambda: make_norm(dim, gated_rmsnorm=c.gated_rmsnorm, use_deepnet=c.use_deepnet)  # noqa: E731
+        self.self_attn = Residual(SelfAttention(dim, heads=c.heads, dim_head=c.dim_head, causal=False,
+                                                dropout=c.enc_attn_dropout), norm(), **wrap)
+        self.cross_attn = Residual(CrossAttention(dim, context_dim=c.dec_dim, heads=c.heads, dim_head=c.dim_head,
+                                                  dropout=c.enc_attn_dropout, null_kv=False), norm(),
+                                   **wrap) if has_cross_attn else None
+        self.ff = Residual(FeedForward(dim, dropout=c.enc_ff_dropout), norm(), **wrap)
+
+    def forward(self, x: Tensor, chunks: Tensor, *, inputs: RetrievalInputs) -> Tensor:
+        """x [(b k r), m, e] neighbors, chunks [(b k), cs, d] the decoder's hidden states of their chunks."""
+        x = self.self_attn(x, inputs.enc_rope, bias=inputs.enc_bias)
+        if self.cross_attn is not None:
+            # no mask here, so the r neighbors of a chunk can share one attention call as one longer query row
+            x = rearrange(x, "(bk r) m e -> bk (r m) e", r=inputs.num_neighbors)
+            x = self.cross_attn(x, chunks, q_rope=inputs.enc_cross_q_rope, k_rope=inputs.enc_cross_k_rope)
+            x = rearrange(x, "bk (r m) e -> (bk r) m e", r=inputs.num_neighbors)
+        return self.ff(x)
+
+
+class Encoder(nn.Module):
+    """Encodes each retrieved neighbor, attending to the decoder's hidden states of the chunk it was retrieved for."""
+
+    def __init__(self, config: RetroConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            EncoderBlock(config, has_cross_attn=config.has_cross_attn(i, encoder=True))
+            for i in range(1, config.enc_depth + 1))
+        self.norm_out = (make_norm(config.enc_dim, gated_rmsnorm=config.gated_rmsnorm, use_deepnet=False)
+                         if not config.use_deepnet else nn.Identity())
+        self.project_out = nn.Linear(config.enc_dim, config.dec_dim)
+
+    def forward(self, x: Tensor, chunks: Tensor, *, inputs: RetrievalInputs) -> Tensor:
+        for block in self.blocks:
+            x = block(x, chunks, inputs=inputs)
+        return self.project_out(self.norm_out(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: RetroConfig, *, has_cross_attn: bool):
+        super().__init__()
+        c, dim = config, config.dec_dim
+        self.chunk_size = c.chunk_size
+        wrap = dict(post_norm=c.use_deepnet, scale_residual=c.resolved_dec_scale_residual)
+        norm = lambda: make_norm(dim, gated_rmsnorm=c.gated_rmsnorm, use_deepnet=c.use_deepnet)  # noqa: E731
+        self.self_attn = Residual(SelfAttention(dim, heads=c.heads, dim_head=c.dim_head, causal=True,
+                                                dropout=c.dec_attn_dropout), norm(), **wrap)
+        self.cross_attn = Residual(ChunkedCrossAttention(dim, chunk_size=c.chunk_size, heads=c.heads,
+                                                         dim_head=c.dim_head, dropout=c.dec_attn_dropout),
+                                   norm(), **wrap) if has_cross_attn else None
+        self.ff = Residual(FeedForward(dim, dropout=c.dec_ff_dropout), norm(), **wrap)
+
+    def forward(self, x: Tensor, neighbors: Tensor | None, *, rope: RopeTable,
+                inputs: RetrievalInputs | None = None, encoder: Encoder | None = None) -> tuple[Tensor, Tensor | None]:
+        """x [b, n, d]; neighbors: encoded [b, k, r, m, d], or embedded [(b k r), m, e] when `encoder` is given,
+        in which case this block encodes them from its own hidden states. Returns (x, encoded neighbors)."""
+        x = self.self_attn(x, rope)
+        if self.cross_attn is not None and neighbors is not None:
+            assert inputs is not None
+            if encoder is not None:
+                b, r = x.shape[0], inputs.num_neighbors
+                num_chunks = neighbors.shape[0] // (b * r)
+                if num_chunks > 0:
+                    chunks = rearrange(x[:, : num_chunks * self.chunk_size], "b (k n) d -> (b k) n d", k=num_chunks)
+                    neighbors = encoder(neighbors, chunks, inputs=inputs)
+                neighbors = rearrange(neighbors, "(b k r) m d -> b k r m d", b=b, r=r)
+            x = self.cross_attn(x, neighbors, q_rope=inputs.cca_q_rope, k_rope=inputs.cca_k_rope,
+                                bias=inputs.cca_bias)
+        return self.ff(x), neighbors
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: RetroConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            DecoderBlock(config, has_cross_attn=config.has_cross_attn(i, encoder=False))
+            for i in range(1, config.dec_depth + 1))
+        self.norm_out = (make_norm(config.dec_dim, gated_rmsnorm=config.gated_rmsnorm, use_deepnet=False)
+                         if not config.use_deepnet else nn.Identity())
+
+    def forward(self, x: Tensor, neighbors: Tensor | None, *, rope: RopeTable, inputs: RetrievalInputs | None,
+                encoder: Encoder) -> Tensor:
+        encoded = False
+        for block in self.blocks:
+            # the retrieval encoder runs once, at the first block with chunked cross-attention
+            needs_encoding = neighbors is not None and block.cross_attn is not None and not encoded
+            x, neighbors = block(x, neighbors, rope=rope, inputs=inputs, encoder=encoder if needs_encoding else None)
+            encoded = encoded or needs_encoding
+        return self.norm_out(x)
+
+
+class RETRO(nn.Module):
+    """`model(seq, retrieved=None, return_loss=False)` with RETRO-pytorch's shapes and semantics.
+
+    seq: int64 [b, n] (n = L + 1 with return_loss: labels are seq[:, 1:]); retrieved: int64 [b, k, r, m] or
+    [b, k, m] (one neighbor) with k = L // chunk_size and m >= chunk_size. Returns logits [b, L, num_tokens]
+    or the mean token loss, pad_id ignored.
+    """
+
+    def __init__(self, config: RetroConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.token_emb = nn.Embedding(config.num_tokens, config.enc_dim)
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.enc_dim)
+        self.to_decoder_model_dim = (nn.Linear(config.enc_dim, config.dec_dim)
+                                     if config.enc_dim != config.dec_dim else nn.Identity())
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.to_logits = nn.Linear(config.dec_dim, config.num_tokens)
+        self.rotary = Rotary()
+        if config.use_deepnet:
+            c = config
+            deepnorm_init(self.encoder, 0.87 * ((c.enc_depth ** 4) * c.dec_depth) ** -0.0625)
+            deepnorm_init(self.decoder, (12 * c.dec_depth) ** -0.25)
+
+    # forward -------------------------------------------------------------------------------------------------
+
+    def forward(self, seq: Tensor, retrieved: Tensor | None = None, return_loss: bool = False) -> Tensor:
+        c = self.config
+        self._check_tokens("seq", seq)
+        if seq.ndim != 2:
+            raise ValueError(f"seq must be [batch, length], got shape {tuple(seq.shape)}")
+        labels = None
+        if return_loss:
+            if seq.shape[1] < 2:
+                raise ValueError("return_loss needs seq of length >= 2 (inputs seq[:, :-1], labels seq[:, 1:])")
+            seq, labels = seq[:, :-1], seq[:, 1:]
+        b, n = seq.shape
+        if n > c.max_seq_len:
+            raise ValueError(f"sequence length {n} exceeds max_seq_len={c.max_seq_len}"
+                             f"{' (seq holds one extra label token with return_loss)' if return_loss else ''}")
+        device = seq.device
+
+        x = self.token_emb(seq) + self.pos_emb(torch.arange(n, device=device))
+        x = self.to_decoder_model_dim(x)
+        rope = self.rotary(torch.arange(n, device=device))
+
+        neighbors, inputs = None, None
+        if retrieved is not None:
+            retrieved = self._check_retrieved(retrieved, b, n)
+            inputs = self._retrieval_inputs(retrieved, dtype=x.dtype)
+            neighbors = rearrange(self.token_emb(retrieved), "b k r m e -> (b k r) m e")
+
+        x = self.decoder(x, neighbors, rope=rope, inputs=inputs, encoder=self.encoder)
+        logits = self.to_logits(x)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=c.pad_id)
+
+    def _retrieval_inputs(self, retrieved: Tensor, *, dtype: torch.dtype) -> RetrievalInputs:
+        b, k, r, m = retrieved.shape
+        cs, device = self.config.chunk_size, retrieved.device
+        keep = retrieved != self.config.pad_id
+        arange = lambda length: torch.arange(length, device=device)  # noqa: E731
+        # RETRO-pytorch shifts its query rotary table with F.pad, which leaves the first query of a chunk at
+        # position 2*cs - 2 and the others at 0; kept as is so that its checkpoints give the same logits
+        cca_q_pos = torch.zeros(cs, device=device)
+        cca_q_pos[0] = 2 * cs - 2
+        cca_keep = F.pad(rearrange(keep, "b k r m -> (b k) (r m)"), (1, 0), value=True)
+        return RetrievalInputs(
+            enc_rope=self.rotary(arange(m)),
+            enc_cross_q_rope=self.rotary(arange(m).repeat(r)),
+            enc_cross_k_rope=self.rotary(arange(cs)),
+            enc_bias=key_padding_bias(rearrange(keep, "b k r m -> (b k r) m"), dtype),
+            cca_q_rope=self.rotary(cca_q_pos),
+            cca_k_rope=self.rotary(arange(m).repeat(r)),
+            cca_bias=key_padding_bias(cca_keep, dtype),
+            num_neighbors=r,
+        )
+
+    # input checks: one clear line each, instead of a shape error deep inside --------------------------------
+
+    def _check_tokens(self, name: str, t: Tensor) -> None:
+        if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"{name} must hold integer token ids, got dtype {t.dtype}")
+        if t.numel() == 0:
+            return
+        lo, hi = torch.aminmax(t)
+        if lo.item() < 0 or hi.item() >= self.config.num_tokens:
+            raise ValueError(f"{name} holds token ids in [{lo.item()}, {hi.item()}], outside "
+                             f"[0, num_tokens={self.config.num_tokens}): check the tokenizer's vocab size "
+                             f"and that -1 neighbor ids were replaced by pad_id")
+
+    def _check_retrieved(self, retrieved: Tensor, b: int, n: int) -> Tensor:
+        cs = self.config.chunk_size
+        if retrieved.ndim == 3:
+            retrieved = rearrange(retrieved, "b k m -> b k 1 m")  # one neighbor per chunk
+        if retrieved.ndim != 4:
+            raise ValueError(f"retrieved must be [batch, chunks, neighbors, tokens] (or [batch, chunks, tokens] for "
+                             f"one neighbor), got {retrieved.ndim} dims with shape {tuple(retrieved.shape)}")
+        self._check_tokens("retrieved", retrieved)
+        rb, k, r, m = retrieved.shape
+        if rb != b:
+            raise ValueError(f"retrieved has batch size {rb} but seq has {b}")
+        if k != n // cs:
+            raise ValueError(f"a sequence of {n} tokens has {n // cs} full chunks of {cs}, so retrieved needs "
+                             f"{n // cs} chunks, got {k}")
+        if r < 1:
+            raise ValueError("retrieved has 0 neighbors per chunk: pass retrieved=None to run without retrieval")
+        if m < cs:
+            raise ValueError(f"retrieved neighbors hold {m} tokens, fewer than chunk_size={cs} (usually 2 * "
+                             f"chunk_size: the neighbor chunk and its continuation)")
+        return retrieved.long()
+
+    # weights -------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json and model.safetensors into `directory`, each atomically."""
+        from retro_dist.pretrained import save_pretrained
+        save_pretrained(self.config.to_dict(), self.state_dict(), directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> "RETRO":
+        from retro_dist.pretrained import load_pretrained
+        config_dict, state = load_pretrained(directory, device=device)
+        model = cls(RetroConfig.from_dict(config_dict)).to(device)
+        model.load_state_dict(state, strict=True)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def deepnorm_init(module: nn.Module, beta: float) -> None:
+    """DeepNet init as RETRO-pytorch: xavier-normal Linear weights, gain beta for value, output and feed-forward
+    projections (each slice of a fused projection on its own fan), 1 elsewhere; zero biases."""
+    for name, sub in module.named_modules():
+        if not isinstance(sub, nn.Linear):
+            continue
+        weight = sub.weight.data
+        if name.endswith("to_qkv"):
+            gains = (1.0, 1.0, beta)
+        elif name.endswith("to_kv"):
+            gains = (1.0, beta)
+        else:
+            gains = (beta if (".ff." in name or name.endswith("to_out")) else 1.0,)
+        for part, gain in zip(weight.chunk(len(gains), dim=0), gains):
+            nn.init.xavier_normal_(part, gain=gain)
+        if sub.bias is not None:
+            nn.init.zeros_(sub.bias)

@@ -1,0 +1,43 @@
+"""On-disk form of a model: config.json + model.safetensors, written atomically, loaded without unpickling."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_pretrained(config: dict, state_dict: dict[str, torch.Tensor], directory: str | Path) -> None:
+    """Weights first, config last: a directory with a config.json always has whole weights beside it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in state_dict.items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+
+
+def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[dict, dict]:
+    directory = Path(directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} is not a retro_dist model directory: {name} is missing "
+                                    f"(expected {CONFIG_NAME} + {WEIGHTS_NAME}, as written by save_pretrained)")
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    return config, load_file(str(directory / WEIGHTS_NAME), device=str(device))
