@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="RETRO-pytorch state dict (.pt) <-> retro_dist model directory.")
     convert.add_argument("src", help="RETRO-pytorch state dict file (--to retro-dist) or retro_dist model dir")
     convert.add_argument("dst", help="retro_dist model dir (--to retro-dist) or .pt file (--to retro-pytorch)")
-    convert.add_argument("--to", choices=["retro-dist", "retro-pytorch"], default="retro-dist")
+    convert.add_argument("--to", choices=["retro-dist", "retro-pytorch"], default="retro-dist",
+                         help="format to write")
     convert.add_argument("--kwargs", help="JSON file of the RETRO-pytorch RETRO(...) kwargs; without it the "
                                           "config is read from the weights' shapes")
     convert.add_argument("--chunk-size", type=int, default=64, help="chunk size, when inferring the config")

@@ -159,3 +159,28 @@ def test_dropout_only_in_training():
         assert torch.equal(model(seq, retrieved), model(seq, retrieved))
         model.train()
         assert not torch.equal(model(seq, retrieved), model(seq, retrieved))
+
+
+@pytest.mark.parametrize("block_elements", [128 * 7, 1 << 24])
+def test_blockwise_loss_equals_cross_entropy(block_elements, monkeypatch):
+    """The output head's blockwise loss and its precomputed gradients equal F.cross_entropy on full logits."""
+    from retro_dist.model.layers import LogitsHead
+    monkeypatch.setattr(LogitsHead, "block_elements", block_elements)  # 7 rows per block: many blocks, a ragged end
+    head = LogitsHead(32, 128)
+    x = torch.randn(3, 20, 32, requires_grad=True)
+    labels = torch.randint(0, 128, (3, 20))
+    labels[0, :5] = 0
+    loss = head(x, labels, ignore_index=0)
+    (2.5 * loss).backward()
+    grads = [t.grad.clone() for t in (x, head.weight, head.bias)]
+    for t in (x, head.weight, head.bias):
+        t.grad = None
+    expected = torch.nn.functional.cross_entropy(head(x).flatten(0, 1), labels.flatten(), ignore_index=0)
+    (2.5 * expected).backward()
+    torch.testing.assert_close(loss, expected)
+    for got, t in zip(grads, (x, head.weight, head.bias)):
+        torch.testing.assert_close(got, t.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x, labels, ignore_index=0), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(head(x, labels, ignore_index=0), expected, rtol=2e-2, atol=2e-2)

@@ -26,7 +26,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # rms_norm's eps sits under the square root: eps**2 there equals clamping the rms at eps
-        out = F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps ** 2)
+        out = F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), eps=self.eps ** 2)
         if self.gate is None:
             return out
         return out * (x * self.gate).sigmoid()
@@ -81,6 +81,28 @@ def key_padding_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
     return rearrange(bias, "b j -> b 1 1 j")
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, causal: bool = False,
+              dropout: float = 0.0) -> Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v over [B, h, n, d] tensors.
+
+    scaled_dot_product_attention everywhere, except bf16/fp16 on CPU with short keys and queries: there PyTorch's CPU
+    flash kernel is 2-4x slower than two batched matmuls (bench/model_step.py), and the plain product is small.
+    """
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-2] * k.shape[-2] <= 512 * 512:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if bias is not None:
+            scores = scores + bias
+        if causal:
+            i, j = scores.shape[-2:]
+            future = torch.ones(i, j, dtype=torch.bool, device=q.device).triu(j - i + 1)
+            scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+        probs = F.dropout(scores.softmax(dim=-1), p=dropout) if dropout else scores.softmax(dim=-1)
+        return torch.matmul(probs, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal, dropout_p=dropout)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, *, heads: int, dim_head: int, causal: bool, dropout: float):
         super().__init__()
@@ -92,10 +114,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, rope: RopeTable, *, bias: Tensor | None = None) -> Tensor:
         q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        if bias is not None:
-            bias = bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=self.causal,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = attention(q, k, v, bias=bias, causal=self.causal, dropout=self.dropout if self.training else 0.0)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -121,10 +140,7 @@ class CrossAttention(nn.Module):
             null_k, null_v = rearrange(self.null_kv.to(k.dtype), "two (h d) -> two 1 h 1 d", h=self.heads)
             k = torch.cat((null_k.expand(k.shape[0], -1, -1, -1), k), dim=-2)
             v = torch.cat((null_v.expand(v.shape[0], -1, -1, -1), v), dim=-2)
-        if bias is not None:
-            bias = bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = attention(q, k, v, bias=bias, dropout=self.dropout if self.training else 0.0)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -184,3 +200,57 @@ class Residual(nn.Module):
 
 
 NormFactory = Callable[[int], nn.Module]
+
+
+class LogitsHead(nn.Linear):
+    """The output projection. Given labels it returns the mean cross-entropy without materialising the full
+    [tokens, vocab] float32 logits: rows are processed in blocks, and the gradients are computed on the way (the
+    block's softmax is at hand then), so backward only scales them. Same function as F.cross_entropy on the logits.
+    """
+
+    block_elements = 1 << 24  # ~64 MB of float32 logits per block
+
+    def forward(self, x: Tensor, labels: Tensor | None = None, *, ignore_index: int = -100) -> Tensor:
+        if labels is None:
+            return super().forward(x)
+        rows = max(1, self.block_elements // self.out_features)
+        return _LinearCrossEntropy.apply(x.flatten(0, -2), self.weight, self.bias, labels.flatten(), ignore_index, rows)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+                rows: int) -> Tensor:
+        needs_grad = any(ctx.needs_input_grad[:3])
+        valid = labels != ignore_index
+        count = valid.sum().clamp(min=1).to(torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if needs_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if needs_grad else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if needs_grad and bias is not None else None
+        for start in range(0, x.shape[0], rows):
+            xb, lb, vb = x[start:start + rows], labels[start:start + rows], valid[start:start + rows]
+            logits = F.linear(xb, weight, bias).float()
+            lse = logits.logsumexp(dim=-1)
+            target = logits.gather(1, lb[:, None]).squeeze(1)
+            total += ((lse - target) * vb).sum()
+            if needs_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+                probs[torch.arange(len(lb), device=x.device), lb] -= 1.0
+                probs.mul_((vb / count)[:, None])
+                g = probs.to(xb.dtype if not torch.is_autocast_enabled(x.device.type) else
+                             torch.get_autocast_dtype(x.device.type))
+                grad_x[start:start + rows] = torch.matmul(g, weight.to(g.dtype))
+                grad_w += torch.matmul(g.t(), xb.to(g.dtype))
+                if grad_b is not None:
+                    grad_b += probs.sum(dim=0)
+        if needs_grad:
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype),
+                                  grad_b.to(bias.dtype) if grad_b is not None else None)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_x, grad_w, grad_b = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_out.to(g.dtype)  # noqa: E731
+        return scale(grad_x), scale(grad_w), scale(grad_b), None, None, None

@@ -11,7 +11,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import RetroConfig
-from .layers import (ChunkedCrossAttention, CrossAttention, FeedForward, Residual, RopeTable, Rotary,
+from .layers import (ChunkedCrossAttention, CrossAttention, FeedForward, LogitsHead, Residual, RopeTable, Rotary,
                      SelfAttention, key_padding_bias, make_norm)
 
 
@@ -142,7 +142,7 @@ class RETRO(nn.Module):
                                      if config.enc_dim != config.dec_dim else nn.Identity())
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.to_logits = nn.Linear(config.dec_dim, config.num_tokens)
+        self.to_logits = LogitsHead(config.dec_dim, config.num_tokens)
         self.rotary = Rotary()
         if config.use_deepnet:
             c = config
@@ -178,10 +178,9 @@ class RETRO(nn.Module):
             neighbors = rearrange(self.token_emb(retrieved), "b k r m e -> (b k r) m e")
 
         x = self.decoder(x, neighbors, rope=rope, inputs=inputs, encoder=self.encoder)
-        logits = self.to_logits(x)
         if labels is None:
-            return logits
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=c.pad_id)
+            return self.to_logits(x)
+        return self.to_logits(x, labels, ignore_index=c.pad_id)
 
     def _retrieval_inputs(self, retrieved: Tensor, *, dtype: torch.dtype) -> RetrievalInputs:
         b, k, r, m = retrieved.shape
