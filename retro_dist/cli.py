@@ -49,10 +49,26 @@ def _convert(args: argparse.Namespace) -> None:
         print(f"wrote {dst}; build the model with retro_pytorch.RETRO(**json.load(open('{kwargs_path}')))")
 
 
+def _prepare(args: argparse.Namespace) -> None:
+    from data_prep.pipeline import run_cli
+    from retro_dist.data.format import STAGES
+
+    code = run_cli(args, args.stage or list(STAGES))
+    if code:
+        raise SystemExit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retro-dist", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from data_prep.pipeline import __doc__ as prepare_doc, add_prepare_arguments
+    prepare = sub.add_parser("prepare", help="raw text -> retrieval dataset (tokenize, embed, index, neighbors, "
+                                             "shard)", description=prepare_doc,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_prepare_arguments(prepare)
+    prepare.set_defaults(run=_prepare)
 
     convert = sub.add_parser("convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                              help="convert weights between RETRO-pytorch and retro_dist, exactly",

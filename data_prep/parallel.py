@@ -1,0 +1,68 @@
+"""The process group of a data_prep run: one process, or N ranks under mpirun / srun (mpi4py).
+
+Ranks split work by fixed blocks, write one part file per block, and rank 0 merges; so the result does not depend on
+the number of ranks. Waiting ranks sleep instead of spinning (Open MPI's barrier busy-polls a core).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+
+def _launched_by_mpi() -> bool:
+    if any(int(os.environ.get(v, "1")) > 1 for v in _MPI_SIZE_VARS):
+        return True
+    # srun without an MPI launcher still gives SLURM_* variables; mpi4py needs PMI to join them into one world
+    return (int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "PMI_FD" in os.environ) or "PMIX_RANK" in os.environ
+
+
+class World:
+    """rank, size, barrier(), bcast(), allreduce_max(); a single process when not launched by MPI."""
+
+    def __init__(self) -> None:
+        self.comm = None
+        self.rank, self.size = 0, 1
+        if _launched_by_mpi():
+            try:
+                from mpi4py import MPI
+            except ImportError as e:
+                raise RuntimeError(f"launched under MPI but mpi4py cannot load its MPI library ({e}); install "
+                                   f"Open MPI (apt-get install openmpi-bin) or run without mpirun") from None
+            self.comm = MPI.COMM_WORLD
+            self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self, poll: float = 0.05) -> None:
+        if self.comm is None:
+            return
+        request = self.comm.Ibarrier()
+        while not request.Test():
+            time.sleep(poll)
+
+    def bcast(self, value: T) -> T:
+        if self.comm is None:
+            return value
+        self.barrier()
+        return self.comm.bcast(value, root=0)
+
+    def gather_errors(self, error: BaseException | None) -> str | None:
+        """Every rank learns the first error any rank hit, so all of them stop together instead of hanging."""
+        message = None if error is None else f"rank {self.rank}: {error}"
+        if self.comm is None:
+            return message
+        self.barrier()
+        messages: list[Any] = self.comm.allgather(message)
+        return next((m for m in messages if m), None)
+
+    def my_blocks(self, num_blocks: int) -> range:
+        """Blocks this rank computes: round-robin, so a partial rerun spreads the remaining blocks evenly."""
+        return range(self.rank, num_blocks, self.size)

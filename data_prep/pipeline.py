@@ -1,0 +1,102 @@
+"""`retro-dist prepare` / `python -m data_prep.STAGE`: run the staged pipeline, or one stage, on a dataset directory.
+
+    retro-dist prepare --input corpus/ --out data/mycorpus               # all stages, sensible defaults
+    retro-dist prepare --stage embed --out data/mycorpus --embedder hash-256
+    mpirun -n 4 retro-dist prepare --input corpus/ --out data/mycorpus   # embed + neighbors split across ranks
+
+Every stage skips itself when its inputs and options are unchanged, and redoes itself (and invalidates the stages
+after it) when they changed. Options not given keep the values the dataset was prepared with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from pathlib import Path
+
+from retro_dist.data.format import STAGES, DatasetError, file_sha256, load_manifest
+
+from . import config as config_mod
+from .parallel import World
+from .stage import run_stage
+
+
+def _stage_module(stage: str):
+    import importlib
+    return importlib.import_module(f"data_prep.{stage}")
+
+
+def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m data_prep.{stage}" if stage else "retro-dist prepare",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_prepare_arguments(parser, with_stage=stage is None)
+    return parser
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser, *, with_stage: bool = True) -> None:
+    parser.add_argument("--out", required=True, help="the dataset directory (created if missing)")
+    if with_stage:
+        parser.add_argument("--stage", choices=STAGES, action="append",
+                            help="run only this stage (repeatable); default: all, in order")
+    parser.add_argument("--force", action="store_true", help="redo the stages even when up to date")
+    config_mod.add_arguments(parser)
+
+
+def run(args: argparse.Namespace, stages: list[str]) -> None:
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    world = World()
+    _set_threads(world)
+    stored = load_manifest(root, required=False).get("config")
+    config = config_mod.resolve(stored, args)
+    for stage in stages:
+        extra = None
+        if stage == "tokenize":
+            if not config.inputs:
+                raise DatasetError("no input: pass --input PATH... (text files, JSON-lines files or directories)")
+            from .tokenize import inputs_fingerprint
+            extra = (inputs_fingerprint(config.inputs), file_sha256(config.tokenizer) if config.tokenizer
+                     and Path(config.tokenizer).is_file() else None)
+        run_stage(stage, root, config, world, _stage_module(stage).run, extra_fingerprint=extra, force=args.force)
+
+
+def _set_threads(world: World) -> None:
+    """Ranks on one node share its cores: one torch/faiss thread pool per rank, sized to its share."""
+    local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", world.size)))
+    threads = max(1, (os.cpu_count() or 1) // max(1, local))
+    try:
+        import torch
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+    import faiss
+    faiss.omp_set_num_threads(threads)
+
+
+def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
+    args = build_parser(stage).parse_args(argv)
+    return run_cli(args, [stage] if stage else (args.stage or list(STAGES)))
+
+
+def run_cli(args: argparse.Namespace, stages: list[str]) -> int:
+    try:
+        run(args, stages)
+    except (DatasetError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"retro-dist prepare: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"retro-dist prepare: error: disk full while writing {e.filename or args.out}: free space and "
+                  f"re-run; finished stages and finished blocks are kept", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("retro-dist prepare: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
