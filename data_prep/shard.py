@@ -59,7 +59,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             for number, start in enumerate(range(0, num_samples, per_shard)):
                 name = layout.shard_name(split, number)
                 end = min(num_samples, start + per_shard)
-                with wds.TarWriter(str(tmp / name)) as sink:
+                with wds.TarWriter(str(tmp / name), mtime=0.0) as sink:  # fixed mtime: reproducible bytes
                     for s in range(start, end):
                         sink.write({
                             "__key__": sample_key(split, s),
