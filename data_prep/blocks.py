@@ -44,7 +44,7 @@ def compute_blocks(ctx: StageContext, *, out: Path, num_rows: int, width: int, d
     if ctx.world.is_main:
         with npy_writer(out, (num_rows, width), dtype) as array:
             for b in range(num_blocks):
-                array[b * block: (b + 1) * block] = np.load(parts / f"{b:06d}.npy")
+                array.append(np.load(parts / f"{b:06d}.npy"))
         shutil.rmtree(parts)
         for stale in out.parent.glob(f".{out.stem}.parts-*"):  # parts of runs with other settings
             shutil.rmtree(stale, ignore_errors=True)

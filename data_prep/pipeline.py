@@ -84,7 +84,7 @@ def run_cli(args: argparse.Namespace, stages: list[str]) -> int:
     try:
         run(args, stages)
     except (DatasetError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"retro-dist prepare: error: {e}", file=sys.stderr)
+        print(f"retro-dist prepare: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
         return 2
     except OSError as e:
         if e.errno == errno.ENOSPC:

@@ -67,7 +67,7 @@ def run_stage(stage: str, root: Path, config: PrepareConfig, world: World,
     world.barrier()  # every rank has read the manifest before rank 0 changes it
     if world.is_main:
         for later in STAGES[STAGES.index(stage):]:
-            manifest["stages"].get(later, {})["done"] = False
+            manifest["stages"].setdefault(later, {})["done"] = False
         manifest["config"] = config.to_dict()
         save_manifest(root, manifest)
     start = time.perf_counter()

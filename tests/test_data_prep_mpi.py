@@ -12,7 +12,7 @@ import pytest
 
 from data_prep.pipeline import main as prepare
 from retro_dist.data.format import load_manifest
-from tests.prep_corpus import stdlib_docstrings, write_corpus
+from data_prep.corpora import stdlib_docstrings, write_corpus
 
 OPTS = ["--vocab-size", "500", "--chunk-size", "16", "--seq-len", "64", "--embedder", "hash-128",
         "--val-fraction", "0.1", "--num-neighbors", "2", "--block-size", "100", "--shard-samples", "30"]

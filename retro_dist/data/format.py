@@ -148,20 +148,41 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def save_npy(path: str | Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+class NpyAppender:
+    """Writes a .npy file row block by row block with plain file writes.
+
+    Not a memory map: on a full disk a write raises OSError(ENOSPC) instead of killing the process with SIGBUS.
+    """
+
+    def __init__(self, file, shape: tuple[int, ...], dtype: np.dtype | str):
+        self.file, self.shape, self.dtype, self.rows = file, tuple(shape), np.dtype(dtype), 0
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        np.lib.format.write_array_header_2_0(file, header)
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape[1:] or self.rows + len(rows) > self.shape[0]:
+            raise ValueError(f"rows of shape {rows.shape} do not fit an array of shape {self.shape} at row {self.rows}")
+        view = memoryview(rows.reshape(-1).view(np.uint8))
+        for start in range(0, len(view), 1 << 26):  # 64 MB per write
+            self.file.write(view[start:start + (1 << 26)])
+        self.rows += len(rows)
 
 
 @contextlib.contextmanager
-def npy_writer(path: str | Path, shape: tuple[int, ...], dtype: np.dtype | str) -> Iterator[np.ndarray]:
-    """A writable memory map of a new .npy file, renamed into place only when the block exits without error."""
+def npy_writer(path: str | Path, shape: tuple[int, ...], dtype: np.dtype | str) -> Iterator[NpyAppender]:
+    """A new .npy file filled by appending rows, renamed into place only when complete and without error."""
     with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        yield out
-        out.flush()
-        del out
+        with open(tmp, "wb") as f:
+            out = NpyAppender(f, shape, dtype)
+            yield out
+            if out.rows != shape[0]:
+                raise ValueError(f"{path}: {out.rows} rows written, {shape[0]} expected")
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    with npy_writer(path, array.shape, array.dtype) as out:
+        out.append(array)
 
 
 def load_npy(path: str | Path, *, mmap: bool = True) -> np.ndarray:
