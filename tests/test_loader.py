@@ -1,0 +1,218 @@
+"""RetroLoader on real webdataset tars built by data_prep: contents, ranks, resume, bad data."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from data_prep.corpora import stdlib_docstrings, write_corpus
+from data_prep.pipeline import main as prepare
+from retro_dist import RetroConfig
+from retro_dist.data.format import DatasetError, Layout, load_manifest, neighbor_tokens, save_manifest
+from retro_dist.data.loader import RetroLoader, check_compatible
+from retro_dist.data.shards import DataError
+
+SEQ, CS, K = 64, 16, 3
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    corpus = write_corpus(root / "corpus", stdlib_docstrings(300))
+    assert prepare(["--input", str(corpus), "--out", str(root / "ds"), "--vocab-size", "800", "--chunk-size",
+                    str(CS), "--seq-len", str(SEQ), "--embedder", "hash-64", "--num-neighbors", str(K),
+                    "--shard-samples", "37", "--val-fraction", "0.05"]) == 0
+    return root / "ds"
+
+
+def epoch(loader):
+    return [b for b in loader]
+
+
+def test_batches_match_the_arrays(dataset):
+    layout, m = Layout(dataset), load_manifest(dataset)
+    stream = np.load(layout.chunks("train")).reshape(-1)
+    neighbors, db = np.load(layout.neighbors("train")), np.load(layout.chunks("train"))
+    loader = RetroLoader(dataset, "train", batch_size=4, num_neighbors=2)
+    batches = epoch(loader)
+    assert len(batches) == len(loader) == m["counts"]["train"]["samples"] // 4
+    seen = []
+    for b in batches:
+        assert b["tokens"].dtype == torch.int64 and b["tokens"].shape == (4, SEQ + 1)
+        assert b["retrieved"].dtype == torch.int64 and b["retrieved"].shape == (4, SEQ // CS, 2, 2 * CS)
+        for row, s in enumerate(b["index"].tolist()):
+            np.testing.assert_array_equal(b["tokens"][row], stream[s * SEQ: s * SEQ + SEQ + 1])
+            ids = neighbors[s * (SEQ // CS): (s + 1) * (SEQ // CS), :2]
+            np.testing.assert_array_equal(b["retrieved"][row], neighbor_tokens(db, ids, pad_id=m["pad_id"]))
+            seen.append(s)
+    assert len(set(seen)) == len(seen)  # one rank, one epoch: no sample twice
+    assert loader.state_dict()["epoch"] == 1
+    assert sorted(seen) != seen  # shuffled
+
+
+def test_retrieval_off(dataset):
+    batch = next(iter(RetroLoader(dataset, "val", batch_size=2, retrieval=False)))
+    assert batch["retrieved"] is None and batch["tokens"].shape == (2, SEQ + 1)
+
+
+@pytest.mark.parametrize("world, split", [(2, "train"), (3, "train"), (3, "val")])
+def test_ranks_disjoint_and_equal(dataset, world, split):
+    """Equal batch counts whatever the shard counts (train: 3 ranks get uneven shard counts; val: fewer shards than
+    ranks), and no sample on two ranks."""
+    per_rank = [[s for b in epoch(RetroLoader(dataset, split, batch_size=2, rank=r, world_size=world))
+                 for s in b["index"].tolist()] for r in range(world)]
+    assert len({len(p) for p in per_rank}) == 1
+    for a in range(world):
+        for b in range(a + 1, world):
+            assert not set(per_rank[a]) & set(per_rank[b])
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("stop", [5, 29])
+def test_resume_equals_uninterrupted(dataset, workers, stop):
+    full = RetroLoader(dataset, "train", batch_size=3, num_workers=workers, seed=7)
+    reference = [b["index"].tolist() for b in epoch(full)] + [b["index"].tolist() for b in epoch(full)][:10]
+    first = RetroLoader(dataset, "train", batch_size=3, num_workers=workers, seed=7)
+    got = []
+    for b in first:
+        got.append(b["index"].tolist())
+        if len(got) == stop:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # travels through a checkpoint as plain data
+    resumed = RetroLoader(dataset, "train", batch_size=3, num_workers=workers, seed=7)
+    resumed.load_state_dict(state)
+    got += [b["index"].tolist() for b in resumed]
+    got += [b["index"].tolist() for b in epoch(resumed)][:10]
+    assert got == reference
+
+
+def test_resume_on_another_world_size(dataset):
+    """2 ranks stop after 10 batches; one rank resumes at the same epoch position and finishes the epoch."""
+    states = []
+    for r in range(2):
+        loader = RetroLoader(dataset, "train", batch_size=2, rank=r, world_size=2)
+        for i, _ in enumerate(loader):
+            if i == 9:
+                break
+        states.append(loader.state_dict())
+    single = RetroLoader(dataset, "train", batch_size=2, rank=0, world_size=1)
+    single.load_state_dict(states[0])
+    assert single.batches == 20 and single.epoch == 0
+    rest = epoch(single)
+    assert len(rest) == len(single) - 20 and single.epoch == 1
+
+
+def test_fewer_neighbors_and_bad_requests(dataset):
+    with pytest.raises(ValueError, match="the dataset has 3 per chunk"):
+        RetroLoader(dataset, "train", batch_size=2, num_neighbors=4)
+    with pytest.raises(DatasetError, match="fewer than one batch"):
+        RetroLoader(dataset, "val", batch_size=10_000)
+    with pytest.raises(DatasetError, match="not a retro_dist dataset"):
+        RetroLoader(dataset.parent / "nothing", "train", batch_size=2)
+
+
+def test_model_compatibility(dataset):
+    m = load_manifest(dataset)
+    ok = RetroConfig(num_tokens=m["vocab_size"], max_seq_len=SEQ, chunk_size=CS, enc_dim=32, dec_dim=32,
+                     enc_depth=1, dec_depth=1, dec_cross_attn_layers=(1,), dim_head=32)
+    check_compatible(m, ok)
+    bad = RetroConfig(**{**ok.to_dict(), "chunk_size": 64, "max_seq_len": 32})
+    with pytest.raises(DatasetError, match="chunk_size 16 vs model 64; seq_len 64 > model max_seq_len 32"):
+        check_compatible(m, bad)
+
+
+# bad data -------------------------------------------------------------------------------------------------------
+
+def _copy(dataset: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "ds"
+    shutil.copytree(dataset, out)
+    return out
+
+
+def _rewrite_shard(ds: Path, number: int, change) -> str:
+    """Rewrite train shard `number` with one sample changed; update its checksum, as a buggy writer would."""
+    m = load_manifest(ds)
+    meta = m["shards"]["train"][number]
+    path = Layout(ds).shards / meta["name"]
+    samples = list(wds.WebDataset(str(path), shardshuffle=False))
+    change(samples[3])
+    with wds.TarWriter(str(path)) as sink:
+        for s in samples:
+            sink.write({k: v for k, v in s.items() if k != "__url__" and k != "__local_path__"})
+    meta["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    save_manifest(ds, m)
+    return samples[3]["__key__"]
+
+
+def _npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+BAD = {
+    "missing key": (lambda s: s.pop("neighbors.npy"), "missing neighbors.npy"),
+    "neighbor id out of range": (lambda s: s.update({"neighbors.npy": _npy(np.full((4, 3), 10**7, np.int32))}),
+                                 "neighbor id 10000000 outside"),
+    "tokens of the wrong length": (lambda s: s.update({"tokens.npy": _npy(np.zeros(SEQ, np.int32))}),
+                                   "tokens int32[64], expected int32[65]"),
+    "undecodable npy": (lambda s: s.update({"tokens.npy": b"garbage"}), "undecodable .npy"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_sample(dataset, tmp_path, case):
+    change, message = BAD[case]
+    ds = _copy(dataset, tmp_path)
+    key = _rewrite_shard(ds, 0, change)
+    with pytest.raises(DataError, match=re.escape(f"train-000000.tar, sample {key}: {message}")):
+        epoch(RetroLoader(ds, "train", batch_size=2))
+    _skips_and_keeps_ranks_equal(ds, expected_skipped=1)
+
+
+def test_truncated_tar(dataset, tmp_path):
+    ds = _copy(dataset, tmp_path)
+    m = load_manifest(ds)
+    path = Layout(ds).shards / m["shards"]["train"][1]["name"]
+    path.write_bytes(path.read_bytes()[: 20_000])
+    with pytest.raises(DataError, match="train-000001.tar: sha256 differs"):
+        epoch(RetroLoader(ds, "train", batch_size=2))
+    m["shards"]["train"][1]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    save_manifest(ds, m)
+    with pytest.raises(DataError, match="train-000001.tar: unreadable tar after"):
+        epoch(RetroLoader(ds, "train", batch_size=2))
+    _skips_and_keeps_ranks_equal(ds, expected_skipped=None)
+
+
+def test_flipped_byte_is_caught_by_checksum(dataset, tmp_path):
+    ds = _copy(dataset, tmp_path)
+    path = Layout(ds).shards / load_manifest(ds)["shards"]["train"][2]["name"]
+    data = bytearray(path.read_bytes())
+    data[5000] ^= 0x01  # inside a member's payload: tar itself would not notice
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="train-000002.tar: sha256 differs"):
+        epoch(RetroLoader(ds, "train", batch_size=2))
+    _skips_and_keeps_ranks_equal(ds, expected_skipped=37)
+
+
+def _skips_and_keeps_ranks_equal(ds: Path, expected_skipped: int | None) -> None:
+    counts, skipped = [], 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for r in range(2):
+            loader = RetroLoader(ds, "train", batch_size=2, rank=r, world_size=2, on_bad_sample="skip")
+            counts.append(len(epoch(loader)))
+            skipped += loader.skipped
+    assert counts[0] == counts[1] == len(loader)
+    assert any("skipping bad data" in str(w.message) for w in caught)
+    assert skipped == expected_skipped if expected_skipped is not None else skipped > 0
