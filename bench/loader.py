@@ -1,0 +1,109 @@
+"""Loader throughput against what training consumes, and the cost of a deep resume. Not a test.
+
+Builds (or reuses, with --dataset) a dataset of the standard library's docstrings with the hash embedder at
+seq_len 2048, then prints one table: loader samples/s with 0, 1 and 2 workers; the samples/s a forward + backward +
+AdamW step of the tiny and reference models consumes (bf16 autocast, this box); their ratio (target >= 20x); and
+the time to the first batch after resuming at the last batch of an epoch versus from its start.
+
+    python bench/loader.py [--dataset DIR] [--batches 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from retro_dist import RETRO
+from retro_dist.data.format import load_manifest
+from retro_dist.data.loader import RetroLoader
+from retro_dist.model.presets import preset_config
+
+
+def loader_rate(dataset: Path, workers: int, batches: int, batch_size: int) -> float:
+    loader = RetroLoader(dataset, "train", batch_size=batch_size, num_workers=workers)
+    stream = loader.forever()
+    next(stream)  # worker start-up is not throughput
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def training_rate(preset: str, manifest: dict, batch_size: int, steps: int = 2) -> float:
+    config = preset_config(preset, num_tokens=manifest["vocab_size"], max_seq_len=manifest["seq_len"],
+                           chunk_size=manifest["chunk_size"], pad_id=manifest["pad_id"])
+    model = RETRO(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    k, cs = manifest["seq_len"] // manifest["chunk_size"], manifest["chunk_size"]
+    seq = torch.randint(1, manifest["vocab_size"], (batch_size, manifest["seq_len"] + 1))
+    retrieved = torch.randint(1, manifest["vocab_size"], (batch_size, k, manifest["num_neighbors"], 2 * cs))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(seq, retrieved, return_loss=True)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def first_batch_seconds(dataset: Path, batch_size: int, at_batch: int | None) -> float:
+    probe = RetroLoader(dataset, "train", batch_size=batch_size)
+    loader = RetroLoader(dataset, "train", batch_size=batch_size)
+    if at_batch is not None:
+        state = probe.state_dict() | {"batches": at_batch, "num_workers": -1}  # forces the derived position
+        start = time.perf_counter()
+        loader.load_state_dict(state)
+    else:
+        start = time.perf_counter()
+    next(iter(loader))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", type=Path)
+    parser.add_argument("--batches", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        dataset = args.dataset
+        if dataset is None:
+            from data_prep.corpora import stdlib_docstrings, write_corpus
+            from data_prep.pipeline import main as prepare
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            corpus = write_corpus(tmp / "corpus", stdlib_docstrings())
+            dataset = tmp / "ds"
+            assert prepare(["--input", str(corpus), "--out", str(dataset), "--embedder", "hash-256",
+                            "--vocab-size", "8000", "--shard-samples", "16"]) == 0
+        manifest = load_manifest(dataset)
+        rates = {w: loader_rate(dataset, w, args.batches, args.batch_size) for w in (0, 1, 2)}
+        consume = {"tiny": training_rate("tiny", manifest, 8), "reference": training_rate("reference", manifest, 2)}
+        per_epoch = len(RetroLoader(dataset, "train", batch_size=args.batch_size))
+        cold = first_batch_seconds(dataset, args.batch_size, None)
+        deep = first_batch_seconds(dataset, args.batch_size, per_epoch - 1)
+
+    print(f"\ndataset: seq_len {manifest['seq_len']}, {manifest['num_neighbors']} neighbors, "
+          f"{manifest['counts']['train']['samples']} train samples in {len(manifest['shards']['train'])} shards; "
+          f"batch {args.batch_size}; {torch.get_num_threads()} torch threads\n")
+    print(f"{'loader workers':<16}{'samples/s':>10}  " + "  ".join(f"{'x ' + p + ' training':>20}" for p in consume))
+    for w, rate in rates.items():
+        print(f"{w:<16}{rate:>10.0f}  " + "  ".join(f"{rate / c:>19.1f}x" for c in consume.values()))
+    print("\ntraining consumes (fwd+bwd+AdamW, bf16 autocast): " +
+          ", ".join(f"{p} {c:.1f} samples/s" for p, c in consume.items()))
+    print(f"time to first batch: from the epoch start {cold:.3f}s, resumed at batch {per_epoch - 1} of {per_epoch} "
+          f"{deep:.3f}s (whole shards before the position are skipped unread)")
+
+
+if __name__ == "__main__":
+    main()

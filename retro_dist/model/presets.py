@@ -1,0 +1,29 @@
+"""Named model sizes. Vocabulary and sequence length come from the dataset (num_tokens, max_seq_len, chunk_size,
+pad_id), so a preset fixes only the architecture."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import RetroConfig
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # seconds per step on a 2-core CPU: tests, CI and the demo
+    "tiny": dict(enc_dim=64, enc_depth=1, dec_dim=128, dec_depth=2, dec_cross_attn_layers=(2,), heads=4, dim_head=32),
+    # the benchmark reference of issue 2 (~50M parameters with a 32k vocabulary)
+    "reference": dict(enc_dim=256, enc_depth=2, dec_dim=512, dec_depth=6, dec_cross_attn_layers=(3, 6), heads=8,
+                      dim_head=64),
+    # cluster sizes, RETRO paper-like layouts: cross-attention every 3rd block from the 6th on
+    "150m": dict(enc_dim=512, enc_depth=2, dec_dim=768, dec_depth=12, dec_cross_attn_layers=(6, 9, 12), heads=12,
+                 dim_head=64),
+    "1b": dict(enc_dim=768, enc_depth=2, dec_dim=2048, dec_depth=20, dec_cross_attn_layers=(6, 9, 12, 15, 18),
+               heads=16, dim_head=128),
+}
+
+
+def preset_config(name: str, *, num_tokens: int, max_seq_len: int, chunk_size: int = 64, pad_id: int = 0,
+                  **overrides: Any) -> RetroConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    return RetroConfig(**{**PRESETS[name], "num_tokens": num_tokens, "max_seq_len": max_seq_len,
+                          "chunk_size": chunk_size, "pad_id": pad_id, **overrides})
