@@ -15,7 +15,6 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 from retro_dist import RETRO, RetroConfig
 from retro_dist.convert import from_retro_pytorch, to_retro_pytorch
