@@ -58,6 +58,20 @@ def _prepare(args: argparse.Namespace) -> None:
         raise SystemExit(code)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from retro_dist.train.export import export
+    out = export(args.run_dir, args.out or Path(args.run_dir) / "export", step=args.step, dtype=args.dtype)
+    print(f"exported {out} (config.json, model.safetensors, tokenizer.json)")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from retro_dist.train.export import evaluate
+    r = evaluate(args.model, args.dataset, split=args.split, batch_size=args.batch_size, max_batches=args.batches)
+    print(f"{args.split} over {r['batches']} batches:  with retrieval loss {r['loss']:.4f} ppl {r['ppl']:.2f}  |  "
+          f"without retrieval loss {r['loss_no_retrieval']:.4f} ppl {r['ppl_no_retrieval']:.2f}  |  "
+          f"retrieval lowers perplexity by {1 - r['ppl'] / r['ppl_no_retrieval']:.1%}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retro-dist", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -69,6 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_prepare_arguments(prepare)
     prepare.set_defaults(run=_prepare)
+
+    sub.add_parser("train", help="train under any launcher: retro-dist train --config FILE --section.key=value ...",
+                   add_help=False)
+
+    export = sub.add_parser("export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            help="consolidate a checkpoint (any ZeRO stage) into one model directory")
+    export.add_argument("run_dir", metavar="RUN", help="the run directory")
+    export.add_argument("--out", help="output model directory (default: RUN/export)")
+    export.add_argument("--step", type=int, help="the checkpoint's step (default: the newest whole one)")
+    export.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights dtype")
+    export.set_defaults(run=_export)
+
+    evaluate = sub.add_parser("eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              help="validation loss and perplexity, with retrieval and without")
+    evaluate.add_argument("--model", required=True, help="an exported model directory")
+    evaluate.add_argument("--dataset", required=True, help="a dataset directory")
+    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--batches", type=int, default=0, help="at most this many batches (0: the whole split)")
+    evaluate.set_defaults(run=_eval)
 
     convert = sub.add_parser("convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                              help="convert weights between RETRO-pytorch and retro_dist, exactly",
@@ -86,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # its own parser: free-form --section.key=value overrides
+        from retro_dist.train.main import main as train_main
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -1,0 +1,99 @@
+"""Rank discovery and process-group setup for every launcher: deepspeed/torchrun, SLURM's srun, mpirun.
+
+One function, `init_distributed`, reads whichever environment it finds, maps it onto RANK / WORLD_SIZE /
+LOCAL_RANK / MASTER_ADDR / MASTER_PORT (the names torch and DeepSpeed read), and initialises the process group with
+the backend of the device (nccl on GPU, gloo on CPU) and a timeout, so that a dead rank fails the others instead of
+hanging them. Under SLURM it never lets every task believe it is rank 0 of 1 (DeepSpeed never reads SLURM_*).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    launcher: str
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    head = nodelist.split(",")[0]
+    if "[" in head:  # node[1-4,7] -> node1 without scontrol
+        prefix, rest = head.split("[", 1)
+        head = prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return head
+
+
+def discover(env: dict[str, str] | None = None) -> tuple[dict[str, str], str]:
+    """The torch-style variables for this process, and the name of the launcher they came from."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "torch"
+        mapped = {"RANK": env["RANK"], "WORLD_SIZE": env["WORLD_SIZE"], "LOCAL_RANK": env.get("LOCAL_RANK", "0")}
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
+        launcher = "slurm"
+        mapped = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+                  "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+        if "MASTER_ADDR" not in env:
+            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if not nodelist:
+                raise RuntimeError("under SLURM but SLURM_JOB_NODELIST is not set: cannot find the rendezvous host")
+            mapped["MASTER_ADDR"] = _first_slurm_host(nodelist)
+        if "MASTER_PORT" not in env:
+            mapped["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
+    elif "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env or "PMIX_RANK" in env:
+        launcher = "mpi"
+        rank = env.get("OMPI_COMM_WORLD_RANK") or env.get("PMI_RANK") or env.get("PMIX_RANK")
+        size = env.get("OMPI_COMM_WORLD_SIZE") or env.get("PMI_SIZE")
+        if size is None:
+            raise RuntimeError("under MPI but the world size is not in the environment (OMPI_COMM_WORLD_SIZE / "
+                               "PMI_SIZE); launch with mpirun -np N")
+        mapped = {"RANK": rank, "WORLD_SIZE": size,
+                  "LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK") or env.get("MPI_LOCALRANKID", "0")}
+    else:
+        launcher = "single"
+        mapped = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+        if "MASTER_PORT" not in env:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                mapped["MASTER_PORT"] = str(s.getsockname()[1])
+    if int(mapped["WORLD_SIZE"]) > 1 and "MASTER_ADDR" not in env and "MASTER_ADDR" not in mapped:
+        raise RuntimeError(f"{int(mapped['WORLD_SIZE'])} ranks from the {launcher} launcher but no MASTER_ADDR: set "
+                           f"MASTER_ADDR (the first host) and MASTER_PORT, or use a launch/ script")
+    mapped.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
+    mapped.setdefault("MASTER_PORT", env.get("MASTER_PORT", "29500"))
+    return mapped, launcher
+
+
+def init_distributed(timeout_s: int = 300) -> DistInfo:
+    mapped, launcher = discover()
+    os.environ.update(mapped)
+    local_rank = int(mapped["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    import deepspeed  # the trainer's dependency, not the model's
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=timeout_s),
+                               distributed_port=int(mapped["MASTER_PORT"]))
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, backend,
+                    launcher)

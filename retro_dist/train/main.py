@@ -1,0 +1,145 @@
+"""`retro-dist train`: parse, build, train, always tear down. Runs under any launcher (see retro_dist/dist.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+from retro_dist.config import RunConfig, load_run_config
+from retro_dist.data.format import DatasetError, load_manifest
+from retro_dist.data.loader import check_compatible
+from retro_dist.model import RETRO
+from retro_dist.model.presets import preset_config
+
+from .checkpoint import convert_to_universal, newest_whole, read_meta
+from .ds_config import batch_plan, build_ds_config, engine_settings, resolve_precision
+from .metrics import measure_peak_flops
+from .parallelize import apply_activation_checkpointing, param_groups
+
+
+def model_config(run: RunConfig, manifest: dict):
+    return preset_config(run.model.preset, num_tokens=manifest["vocab_size"], max_seq_len=manifest["seq_len"],
+                         chunk_size=manifest["chunk_size"], pad_id=manifest["pad_id"], **run.model.arch)
+
+
+def resume_target(run: RunConfig) -> str | None:
+    checkpoints = Path(run.run_dir) / "checkpoints"
+    mode = run.checkpoint.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return newest_whole(checkpoints) if checkpoints.is_dir() else None
+    read_meta(checkpoints, mode)  # a named tag must be whole
+    return mode
+
+
+def train(run: RunConfig) -> int:
+    import deepspeed
+    import torch.distributed as dist
+
+    from retro_dist.dist import init_distributed
+
+    from .trainer import Trainer
+
+    info = init_distributed(run.train.dist_timeout_s)
+    trainer = None
+    try:
+        manifest = load_manifest(run.data.dataset)
+        if not manifest.get("stages", {}).get("shard", {}).get("done"):
+            raise DatasetError(f"{run.data.dataset} is incomplete: finish `retro-dist prepare` first")
+        config = model_config(run, manifest)
+        check_compatible(manifest, config)
+        plan = batch_plan(run.train.global_batch, run.data.micro_batch, info.world_size)
+        precision = resolve_precision(run.train.precision, info.device.type)
+        engine_settings(run)  # fails early, with one line, on a bad ds_config
+        run_dir = Path(run.run_dir)
+        tag = resume_target(run)
+        universal = False
+        if tag is not None:
+            meta = read_meta(run_dir / "checkpoints", tag)
+            universal = meta["world_size"] != info.world_size
+            if universal and info.rank == 0:
+                print(f"resuming {tag} (saved by {meta['world_size']} ranks) on {info.world_size} ranks through "
+                      f"DeepSpeed's universal checkpoint", flush=True)
+                convert_to_universal(run_dir / "checkpoints", tag, zero_stage=meta["zero_stage"])
+            dist.barrier()
+        ds_config = build_ds_config(run, plan, precision, load_universal=universal)
+        if info.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            resolved = run.to_dict() | {"resolved": {"model": config.to_dict(), "world_size": info.world_size,
+                                                     "accumulation": plan.accumulation,
+                                                     "global_batch": plan.global_batch, "precision": precision}}
+            (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+            (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2, sort_keys=True) + "\n")
+
+        torch.manual_seed(run.train.seed)  # the same initial weights on every rank
+        model = RETRO(config)
+        apply_activation_checkpointing(model, run.train.activation_checkpointing)
+        try:
+            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, run.optim.weight_decay),
+                                                   config=ds_config)
+        except Exception as e:  # noqa: BLE001 - DeepSpeed's config validation errors are long pydantic dumps
+            first = " ".join(str(e).split())[:400]
+            raise ValueError(f"DeepSpeed refused the config ({type(e).__name__}: {first})") from None
+        peak = measure_peak_flops(info.device, torch.bfloat16 if precision == "bf16" else
+                                  torch.float16 if precision == "fp16" else torch.float32)
+        trainer = Trainer(run, engine, model, plan, device=info.device, precision=precision, peak_flops=peak,
+                          dataset_fingerprint=manifest["stages"]["shard"]["fingerprint"])
+        if tag is not None:
+            trainer.restore(trainer.checkpointer.load(tag, universal=universal))
+            if info.rank == 0:
+                print(f"resumed from {tag} at step {trainer.step}", flush=True)
+        if info.rank == 0:
+            print(f"training {model.num_parameters / 1e6:.1f}M parameters on {info.world_size} {info.device.type} "
+                  f"rank(s) ({info.launcher}), ZeRO {engine.zero_optimization_stage()}, {precision}, global batch "
+                  f"{plan.global_batch} = {plan.micro_batch} x {plan.accumulation} x {info.world_size}, "
+                  f"activation checkpointing {run.train.activation_checkpointing}", flush=True)
+        return trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`retro-dist train [--config FILE] [--section.key=value ...]`; returns the exit code."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="retro-dist train", description=__doc__)
+    parser.add_argument("--config", help="YAML or JSON run config (sections: model, data, optim, train, "
+                                         "checkpoint, logging); `--section.key=value` overrides it")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    args, overrides = parser.parse_known_args(argv)
+    code = 0
+    try:
+        bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
+        if bad:
+            raise ValueError(f"unexpected arguments {bad}: overrides look like --section.key=value")
+        run = load_run_config(args.config, overrides)
+        code = train(run)
+    except (ValueError, FileNotFoundError, DatasetError) as e:
+        print(f"retro-dist train: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        code = 2
+    except Exception:  # noqa: BLE001 - a crash: full traceback, then a non-zero exit through the same teardown
+        traceback.print_exc()
+        code = 1
+    return _teardown(code)
+
+
+def _teardown(code: int) -> int:
+    """Close the process group in the order that avoids gloo's abort at interpreter exit (NOTES.md), then exit."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if code == 0 or code == 75:
+                dist.barrier()
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a peer is gone: nothing left to tear down cleanly
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
