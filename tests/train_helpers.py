@@ -1,0 +1,60 @@
+"""Launching real multi-process training runs from tests: torchrun on loopback, logs parsed back."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP_LOSS = re.compile(r"^step (\d+)/\d+ \| loss ([0-9.]+)", re.M)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": str(ROOT)}
+
+
+def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), "-m", "retro_dist.cli", "train", *args]
+
+
+def train(nproc: int, args: list[str], *, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_cmd(nproc, args), env=env(), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def losses(output: str) -> dict[int, float]:
+    return {int(step): float(loss) for step, loss in STEP_LOSS.findall(output)}
+
+
+def tiny_args(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"--data.dataset={dataset}", f"--run_dir={run_dir}", "--model.preset=tiny", "--data.micro_batch=2",
+            "--data.num_workers=0", "--train.precision=fp32", "--optim.warmup_steps=2", "--optim.lr=3e-3",
+            "--logging.every=1", "--logging.val_every=6", "--logging.val_batches=4", "--checkpoint.every=4",
+            *extra]
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def kill_tree(pid: int, sig: int) -> None:
+    """Signal a launcher and every process under it (torchrun starts its workers in their own sessions)."""
+    for child in children(pid):
+        kill_tree(child, sig)
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
