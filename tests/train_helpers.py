@@ -20,8 +20,9 @@ def free_port() -> int:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": str(ROOT)}
+    import torch
+    extra = {} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"}  # only silences a warning on CPU
+    return {**os.environ, **extra, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
 
 
 def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from .safe_load import safe_torch_load
+
 META = "meta.json"
 
 
@@ -68,8 +70,10 @@ class Checkpointer:
     def load(self, tag: str, *, universal: bool = False) -> dict[str, Any]:
         load_tag = f"{tag}_universal" if universal else tag
         try:
-            _, client_state = self.engine.load_checkpoint(str(self.dir), tag=load_tag, load_module_strict=True,
-                                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+            with safe_torch_load():
+                _, client_state = self.engine.load_checkpoint(str(self.dir), tag=load_tag, load_module_strict=True,
+                                                              load_optimizer_states=True,
+                                                              load_lr_scheduler_states=False)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"checkpoint {self.dir / load_tag} does not fit this model ({first}); it was saved by "
@@ -93,7 +97,7 @@ def convert_to_universal(checkpoints: Path, tag: str, *, zero_stage: int) -> Non
     if (out / "zero").is_dir() and (out / META).is_file():
         return
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoints / tag),
+    cmd = [sys.executable, "-m", "retro_dist.train.safe_load", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoints / tag),
            "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
     if zero_stage < 3:
         cmd.append("--inject_missing_state")

@@ -13,6 +13,7 @@ from retro_dist.data.format import Layout, load_manifest
 from retro_dist.model import RETRO, RetroConfig
 
 from .checkpoint import newest_whole, read_meta, tag_for
+from .safe_load import safe_torch_load
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -22,9 +23,10 @@ def consolidated_state_dict(checkpoints: Path, tag: str) -> dict[str, torch.Tens
     optimizer); a plain stage-0 checkpoint holds the whole module already."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    if any((checkpoints / tag).glob("*zero_pp_rank_*")):
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
-    states = torch.load(checkpoints / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    with safe_torch_load():
+        if any((checkpoints / tag).glob("*zero_pp_rank_*")):
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
+        states = torch.load(checkpoints / tag / "mp_rank_00_model_states.pt", map_location="cpu")
     return {k: v.float() for k, v in states["module"].items()}
 
 
