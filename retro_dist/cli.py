@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # the deepspeed launcher puts --local_rank=N before the subcommand; LOCAL_RANK in the environment says the same
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
     if argv[:1] == ["train"]:  # its own parser: free-form --section.key=value overrides
         from retro_dist.train.main import main as train_main
         return train_main(argv[1:])

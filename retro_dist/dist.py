@@ -17,6 +17,10 @@ from dataclasses import dataclass
 import torch
 
 
+class DistInitError(RuntimeError):
+    """The process group could not be formed: one line naming the rendezvous and what to check."""
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
@@ -54,7 +58,7 @@ def discover(env: dict[str, str] | None = None) -> tuple[dict[str, str], str]:
         if "MASTER_ADDR" not in env:
             nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
             if not nodelist:
-                raise RuntimeError("under SLURM but SLURM_JOB_NODELIST is not set: cannot find the rendezvous host")
+                raise DistInitError("under SLURM but SLURM_JOB_NODELIST is not set: cannot find the rendezvous host")
             mapped["MASTER_ADDR"] = _first_slurm_host(nodelist)
         if "MASTER_PORT" not in env:
             mapped["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
@@ -63,7 +67,7 @@ def discover(env: dict[str, str] | None = None) -> tuple[dict[str, str], str]:
         rank = env.get("OMPI_COMM_WORLD_RANK") or env.get("PMI_RANK") or env.get("PMIX_RANK")
         size = env.get("OMPI_COMM_WORLD_SIZE") or env.get("PMI_SIZE")
         if size is None:
-            raise RuntimeError("under MPI but the world size is not in the environment (OMPI_COMM_WORLD_SIZE / "
+            raise DistInitError("under MPI but the world size is not in the environment (OMPI_COMM_WORLD_SIZE / "
                                "PMI_SIZE); launch with mpirun -np N")
         mapped = {"RANK": rank, "WORLD_SIZE": size,
                   "LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK") or env.get("MPI_LOCALRANKID", "0")}
@@ -75,7 +79,7 @@ def discover(env: dict[str, str] | None = None) -> tuple[dict[str, str], str]:
                 s.bind(("127.0.0.1", 0))
                 mapped["MASTER_PORT"] = str(s.getsockname()[1])
     if int(mapped["WORLD_SIZE"]) > 1 and "MASTER_ADDR" not in env and "MASTER_ADDR" not in mapped:
-        raise RuntimeError(f"{int(mapped['WORLD_SIZE'])} ranks from the {launcher} launcher but no MASTER_ADDR: set "
+        raise DistInitError(f"{int(mapped['WORLD_SIZE'])} ranks from the {launcher} launcher but no MASTER_ADDR: set "
                            f"MASTER_ADDR (the first host) and MASTER_PORT, or use a launch/ script")
     mapped.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
     mapped.setdefault("MASTER_PORT", env.get("MASTER_PORT", "29500"))
@@ -92,8 +96,15 @@ def init_distributed(timeout_s: int = 300) -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     import deepspeed  # the trainer's dependency, not the model's
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(seconds=timeout_s),
-                               distributed_port=int(mapped["MASTER_PORT"]))
+    try:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s),
+                                   distributed_port=int(mapped["MASTER_PORT"]))
+    except Exception as e:  # noqa: BLE001 - torch raises several types here (DistNetworkError, RuntimeError, ...)
+        detail = " ".join(str(e).split())[:200]
+        raise DistInitError(f"rank {mapped['RANK']} of {mapped['WORLD_SIZE']} ({launcher} launcher) could not join the "
+                           f"process group at {mapped['MASTER_ADDR']}:{mapped['MASTER_PORT']} within {timeout_s}s: "
+                           f"check that MASTER_ADDR is the first host and reachable, and the port is free "
+                           f"({type(e).__name__}: {detail})") from None
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, backend,
                     launcher)

@@ -13,6 +13,7 @@ import torch
 from retro_dist.config import RunConfig, load_run_config
 from retro_dist.data.format import DatasetError, load_manifest
 from retro_dist.data.loader import check_compatible
+from retro_dist.dist import DistInitError
 from retro_dist.model import RETRO
 from retro_dist.model.presets import preset_config
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unexpected arguments {bad}: overrides look like --section.key=value")
         run = load_run_config(args.config, overrides)
         code = train(run)
-    except (ValueError, FileNotFoundError, DatasetError) as e:
+    except (ValueError, FileNotFoundError, DatasetError, DistInitError) as e:
         print(f"retro-dist train: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         code = 2
     except Exception:  # noqa: BLE001 - a crash: full traceback, then a non-zero exit through the same teardown
