@@ -154,3 +154,18 @@ def test_slurm_warning_signal_checkpoints_requeues_and_finishes(dataset, slurm, 
     assert "checkpoint saved, exit code 75" in log and "requeueing job" in log, log[-3000:]
     assert "restart 1" in log and re.search(r"resumed from step_\d{8} at step \d+", log)
     assert "step 400/400" in log
+
+
+def test_slurm_prepare_job_equals_one_process(slurm, tmp_path):
+    """launch/slurm/prepare.sbatch: data_prep over 2 nodes (srun --mpi=pmix, mpi4py), same bytes as one process."""
+    from tests.test_data_prep_mpi import OPTS, assert_same_dataset
+    corpus = write_corpus(tmp_path / "corpus", stdlib_docstrings(120))
+    assert prepare(["--input", str(corpus), "--out", str(tmp_path / "single"), *OPTS]) == 0
+    out = tmp_path / "job.out"
+    result = subprocess.run(["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
+                             f"--output={out}", str(ROOT / "launch" / "slurm" / "prepare.sbatch"), "--input",
+                             str(corpus), "--out", str(tmp_path / "slurm"), *OPTS],
+                            env={**slurm, **env(), "SLURM_CONF": slurm["SLURM_CONF"]}, capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr + (out.read_text()[-3000:] if out.exists() else "")
+    assert_same_dataset(tmp_path / "single", tmp_path / "slurm", block_size=100)
