@@ -192,7 +192,7 @@ def main() -> None:
         print(f"{mode:<16}{r['saved_bytes'] / 1e6:>16.1f}{r['step_s']:>11.2f}")
     print(f"memory ratio {every['saved_bytes'] / max(none['saved_bytes'], 1):.2f} (target <= 0.33), "
           f"time ratio {every['step_s'] / none['step_s']:.2f} (target <= 1.4)\n")
-    print(f"engine overhead, 2 ranks, seq 256, micro-batch 2:")
+    print("engine overhead, 2 ranks, seq 256, micro-batch 2:")
     print(f"{'engine':<8}{'step s':>8}{'vs DDP':>8}")
     print(f"{'ddp':<8}{ddp['step_s']:>8.2f}{1.0:>7.2f}x")
     for name in ("zero1", "zero2", "zero3"):

@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One --flag per PrepareConfig field, default None so that values stored in the manifest are kept."""
     for f in dataclasses.fields(PrepareConfig):
         flag = "--" + f.name.replace("_", "-")
-        doc = (f.metadata.get("doc") or _DOCS.get(f.name, "")).replace("%", "%%")
+        doc = _DOCS.get(f.name, "").replace("%", "%%")
         default = f.default if f.default is not dataclasses.MISSING else "[]"
         if f.name == "inputs":
             parser.add_argument("--input", dest="inputs", nargs="+", default=None, help=doc)

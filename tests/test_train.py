@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -11,11 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from data_prep.corpora import stdlib_docstrings, write_corpus
 from data_prep.pipeline import main as prepare
-from retro_dist import RETRO
 from tests.train_helpers import ROOT, children, env, kill_tree, losses, tiny_args, torchrun_cmd, train
 
 pytestmark = pytest.mark.slow
