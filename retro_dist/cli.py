@@ -72,6 +72,36 @@ def _eval(args: argparse.Namespace) -> None:
           f"retrieval lowers perplexity by {1 - r['ppl'] / r['ppl_no_retrieval']:.1%}")
 
 
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+    from tokenizers import Tokenizer
+
+    from retro_dist import RETRO
+    from retro_dist.generate import Retriever, check_same_tokenizer, generate
+
+    check_same_tokenizer(args.model, args.dataset)
+    model = RETRO.from_pretrained(args.model).float().eval()
+    retriever = Retriever(args.dataset, num_neighbors=args.neighbors)
+    from retro_dist.data.loader import check_compatible
+    check_compatible(retriever.manifest, model.config)
+    tokenizer = retriever.tokenizer
+    prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = generate(model, retriever, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    text = tokenizer.decode(out.tokens[out.prompt_length:], skip_special_tokens=True)
+    print(f"prompt: {args.prompt}\ncontinuation: {text}\n")
+    cs = model.config.chunk_size
+    for c, ids in enumerate(out.neighbor_ids):
+        chunk = tokenizer.decode(out.tokens[c * cs:(c + 1) * cs], skip_special_tokens=True)
+        print(f"chunk {c} {' '.join(chunk.split())[:70]!r} retrieved:")
+        for j in ids:
+            if j >= 0:
+                neighbor = tokenizer.decode(retriever.db[j].tolist(), skip_special_tokens=True)
+                print(f"    #{j}: {' '.join(neighbor.split())[:90]!r}")
+    print(f"\n{len(out.neighbor_ids)} retrievals, one per completed chunk of {cs} tokens")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retro-dist", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -103,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.add_argument("--batches", type=int, default=0, help="at most this many batches (0: the whole split)")
     evaluate.set_defaults(run=_eval)
+
+    gen = sub.add_parser("generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         help="sample a continuation, retrieving neighbors from the dataset as chunks complete")
+    gen.add_argument("--model", required=True, help="an exported model directory")
+    gen.add_argument("--dataset", required=True, help="the dataset (index, database, embedder) to retrieve from")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0 means no top-k filter")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--neighbors", type=int, default=None, help="neighbors per chunk (default: the dataset's)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(run=_generate)
 
     convert = sub.add_parser("convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                              help="convert weights between RETRO-pytorch and retro_dist, exactly",

@@ -184,3 +184,20 @@ def test_blockwise_loss_equals_cross_entropy(block_elements, monkeypatch):
         torch.testing.assert_close(head(x, labels, ignore_index=0), expected)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(head(x, labels, ignore_index=0), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_deepnet": True}, {"gated_rmsnorm": True, "dec_cross_attn_layers": None}])
+def test_decode_step_equals_full_forward(extra):
+    """The KV cache + per-chunk encoding gives the last row of a full forward at every position."""
+    config = RetroConfig(**{**CONFIG.to_dict(), "max_seq_len": 64, **extra})
+    model = RETRO(config).eval()
+    seq, retrieved = torch.randint(1, 128, (2, 50)), torch.randint(0, 128, (2, 6, 2, 16))
+    retrieved[0, 1, 1] = 0  # an all-pad neighbor
+    cache = model.new_cache()
+    for p in range(50):
+        step = model.decode_step(seq[:, p], cache, retrieved[:, p // 8] if (p + 1) % 8 == 0 else None)
+        with torch.no_grad():
+            full = model(seq[:, :p + 1], retrieved[:, :(p + 1) // 8])[:, -1]
+        torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pass neighbors exactly when it does"):
+        model.decode_step(seq[:, 0], cache, retrieved[:, 0])

@@ -103,6 +103,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, ca
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal, dropout_p=dropout)
 
 
+class KVCache:
+    """Rotated keys and values of the positions decoded so far, for one self-attention layer."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=-2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=-2)
+        return self.k, self.v
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, *, heads: int, dim_head: int, causal: bool, dropout: float):
         super().__init__()
@@ -111,10 +124,17 @@ class SelfAttention(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
 
-    def forward(self, x: Tensor, rope: RopeTable, *, bias: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: RopeTable, *, bias: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """With `cache`, x is the one newest position: it attends to every cached position and itself."""
         q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        out = attention(q, k, v, bias=bias, causal=self.causal, dropout=self.dropout if self.training else 0.0)
+        causal = self.causal
+        if cache is not None:
+            if x.shape[1] != 1:
+                raise ValueError("a KV cache decodes one position at a time")
+            k, v = cache.extend(k, v)
+            causal = False  # the one query is the last position: everything cached is in its past
+        out = attention(q, k, v, bias=bias, causal=causal, dropout=self.dropout if self.training else 0.0)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -156,9 +176,18 @@ class ChunkedCrossAttention(nn.Module):
         self.attn = CrossAttention(dim, context_dim=dim, heads=heads, dim_head=dim_head, dropout=dropout,
                                    null_kv=True)
 
-    def forward(self, x: Tensor, context: Tensor, *, q_rope: RopeTable, k_rope: RopeTable,
-                bias: Tensor | None) -> Tensor:
-        """x [b, n, d], context [b, k, r, m, d] (encoded neighbors), bias [(b k), 1, 1, 1 + r m] -> [b, n, d]."""
+    def forward(self, x: Tensor, context: Tensor | None, *, q_rope: RopeTable, k_rope: RopeTable,
+                bias: Tensor | None, row: int | None = None) -> Tensor:
+        """x [b, n, d], context [b, k, r, m, d] (encoded neighbors), bias [(b k), 1, 1, 1 + r m] -> [b, n, d].
+
+        Decoding (`row` given): x [b, 1, d] is the query in row `row` of its chunk window, context [b, r, m, d] the
+        neighbors of that chunk, or None before the first chunk completes.
+        """
+        if row is not None:
+            if context is None:
+                return torch.zeros_like(x)
+            q_rope = (q_rope[0][row:row + 1], q_rope[1][row:row + 1])
+            return self.attn(x, rearrange(context, "b r m d -> b (r m) d"), q_rope=q_rope, k_rope=k_rope, bias=bias)
         b, n, _ = x.shape
         num_chunks, cs = context.shape[1], self.chunk_size
         if num_chunks == 0:

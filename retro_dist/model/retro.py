@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,8 +11,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import RetroConfig
-from .layers import (ChunkedCrossAttention, CrossAttention, FeedForward, LogitsHead, Residual, RopeTable, Rotary,
-                     SelfAttention, key_padding_bias, make_norm)
+from .layers import (ChunkedCrossAttention, CrossAttention, FeedForward, KVCache, LogitsHead, Residual, RopeTable,
+                     Rotary, SelfAttention, key_padding_bias, make_norm)
 
 
 @dataclass
@@ -27,6 +27,17 @@ class RetrievalInputs:
     cca_k_rope: RopeTable
     cca_bias: Tensor  # [(b k), 1, 1, 1 + r m]: null key always kept, pad tokens masked
     num_neighbors: int
+
+
+@dataclass
+class DecodeCache:
+    """What incremental decoding keeps: self-attention keys/values per decoder block, the hidden states the encoder
+    reads (at the first cross-attention block), and each completed chunk's encoded neighbors."""
+
+    kv: list[KVCache]
+    length: int = 0
+    hidden: list[Tensor] = field(default_factory=list)
+    chunks: list[tuple[Tensor, RetrievalInputs]] = field(default_factory=list)
 
 
 class EncoderBlock(nn.Module):
@@ -181,6 +192,55 @@ class RETRO(nn.Module):
         if labels is None:
             return self.to_logits(x)
         return self.to_logits(x, labels, ignore_index=c.pad_id)
+
+    # incremental decoding ------------------------------------------------------------------------------------------
+
+    def new_cache(self) -> DecodeCache:
+        return DecodeCache(kv=[KVCache() for _ in self.decoder.blocks])
+
+    @torch.no_grad()
+    def decode_step(self, tokens: Tensor, cache: DecodeCache, neighbors: Tensor | None = None) -> Tensor:
+        """Logits [b, num_tokens] of the next token after `tokens` [b] at position cache.length, the same as the
+        last row of a full forward with retrieval. `neighbors` [b, r, m] must be given exactly when this token
+        completes a chunk: they are that chunk's neighbors, encoded once here and read by every later position."""
+        c, p = self.config, cache.length
+        cs = c.chunk_size
+        if p >= c.max_seq_len:
+            raise ValueError(f"position {p} is past max_seq_len={c.max_seq_len}")
+        completes = (p + 1) % cs == 0
+        if completes != (neighbors is not None):
+            raise ValueError(f"position {p} {'completes' if completes else 'does not complete'} a chunk of {cs}: "
+                             f"pass neighbors exactly when it does")
+        self._check_tokens("tokens", tokens)
+        device = tokens.device
+        x = self.to_decoder_model_dim(self.token_emb(tokens[:, None]) + self.pos_emb(torch.tensor([p], device=device)))
+        rope = self.rotary(torch.tensor([p], device=device))
+        if neighbors is not None:
+            retrieved = self._check_retrieved(neighbors[:, None], tokens.shape[0], cs)
+            inputs = self._retrieval_inputs(retrieved, dtype=x.dtype)
+            embedded = rearrange(self.token_emb(retrieved), "b k r m e -> (b k r) m e")
+        window = p - (cs - 1)  # position p reads the neighbors of chunk window // cs, from its last token on
+        first = next(i for i, block in enumerate(self.decoder.blocks) if block.cross_attn is not None)
+        for i, (block, kv) in enumerate(zip(self.decoder.blocks, cache.kv)):
+            x = block.self_attn(x, rope, cache=kv)
+            if block.cross_attn is None:
+                x = block.ff(x)
+                continue
+            if i == first:  # the encoder reads this block's hidden states of the chunk, as in the full forward
+                cache.hidden.append(x)
+                if neighbors is not None:
+                    chunk = torch.cat(cache.hidden[p + 1 - cs: p + 1], dim=1)
+                    encoded = self.encoder(embedded, chunk, inputs=inputs)
+                    cache.chunks.append((rearrange(encoded, "(b r) m d -> b r m d", r=inputs.num_neighbors), inputs))
+            context, chunk_inputs = (cache.chunks[window // cs] if window >= 0 and window // cs < len(cache.chunks)
+                                     else (None, None))
+            x = block.cross_attn(x, context, row=window % cs,
+                                 q_rope=chunk_inputs.cca_q_rope if chunk_inputs else rope,
+                                 k_rope=chunk_inputs.cca_k_rope if chunk_inputs else rope,
+                                 bias=chunk_inputs.cca_bias if chunk_inputs else None)
+            x = block.ff(x)
+        cache.length = p + 1
+        return self.to_logits(self.decoder.norm_out(x))[:, 0]
 
     def _retrieval_inputs(self, retrieved: Tensor, *, dtype: torch.dtype) -> RetrievalInputs:
         b, k, r, m = retrieved.shape
