@@ -104,16 +104,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, ca
 
 
 class KVCache:
-    """Rotated keys and values of the positions decoded so far, for one self-attention layer."""
+    """Rotated keys and values of the positions decoded so far, for one self-attention layer. Storage grows by
+    doubling, so appending a position copies nothing in the common case."""
 
     def __init__(self) -> None:
         self.k: Tensor | None = None
         self.v: Tensor | None = None
+        self.length = 0
 
     def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k = k if self.k is None else torch.cat((self.k, k), dim=-2)
-        self.v = v if self.v is None else torch.cat((self.v, v), dim=-2)
-        return self.k, self.v
+        n = k.shape[-2]
+        if self.k is None or self.length + n > self.k.shape[-2]:
+            capacity = max(64, 2 * (self.length + n))
+            grown_k = k.new_empty(*k.shape[:-2], capacity, k.shape[-1])
+            grown_v = v.new_empty(*v.shape[:-2], capacity, v.shape[-1])
+            if self.k is not None:
+                grown_k[..., : self.length, :] = self.k[..., : self.length, :]
+                grown_v[..., : self.length, :] = self.v[..., : self.length, :]
+            self.k, self.v = grown_k, grown_v
+        self.k[..., self.length: self.length + n, :] = k
+        self.v[..., self.length: self.length + n, :] = v
+        self.length += n
+        return self.k[..., : self.length, :], self.v[..., : self.length, :]
 
 
 class SelfAttention(nn.Module):
