@@ -74,7 +74,6 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     import torch
-    from tokenizers import Tokenizer
 
     from retro_dist import RETRO
     from retro_dist.generate import Retriever, check_same_tokenizer, generate

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -150,7 +151,7 @@ def test_resume_on_another_world_size(dataset, baseline, tmp_path):
 
 def test_export_loads_without_deepspeed_and_matches(dataset, baseline, tmp_path):
     run_dir, _, out = baseline
-    result = subprocess.run([str(Path(os.sys.executable).parent / "retro-dist"), "export", str(run_dir), "--out",
+    result = subprocess.run([str(Path(sys.executable).parent / "retro-dist"), "export", str(run_dir), "--out",
                              str(tmp_path / "export")], env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors",
@@ -170,7 +171,7 @@ with torch.no_grad():
 print(sum(losses) / len(losses))
 print("deepspeed" in sys.modules)
 """
-    result = subprocess.run([os.sys.executable, "-c", check], env=env(), capture_output=True, text=True, timeout=300,
+    result = subprocess.run([sys.executable, "-c", check], env=env(), capture_output=True, text=True, timeout=300,
                             cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     loss, deepspeed_loaded = result.stdout.strip().splitlines()[-2:]
@@ -178,7 +179,7 @@ print("deepspeed" in sys.modules)
     val = [line for line in out.splitlines() if line.startswith("step 12 | val loss")][0]
     assert float(loss) == pytest.approx(float(val.split()[5]), abs=1e-4)
 
-    result = subprocess.run([str(Path(os.sys.executable).parent / "retro-dist"), "eval", "--model",
+    result = subprocess.run([str(Path(sys.executable).parent / "retro-dist"), "eval", "--model",
                              str(tmp_path / "export"), "--dataset", str(dataset), "--batches", "3"], env=env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -270,9 +270,9 @@ class RETRO(nn.Module):
             raise TypeError(f"{name} must hold integer token ids, got dtype {t.dtype}")
         if t.numel() == 0:
             return
-        lo, hi = torch.aminmax(t)
-        if lo.item() < 0 or hi.item() >= self.config.num_tokens:
-            raise ValueError(f"{name} holds token ids in [{lo.item()}, {hi.item()}], outside "
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one device-to-host copy per check
+        if lo < 0 or hi >= self.config.num_tokens:
+            raise ValueError(f"{name} holds token ids in [{lo}, {hi}], outside "
                              f"[0, num_tokens={self.config.num_tokens}): check the tokenizer's vocab size "
                              f"and that -1 neighbor ids were replaced by pad_id")
 

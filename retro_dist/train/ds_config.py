@@ -52,8 +52,8 @@ def resolve_precision(precision: str, device_type: str) -> str:
     return "bf16" if "AVX512" in capability or "AMX" in capability else "fp32"
 
 
-def engine_settings(run: RunConfig) -> tuple[dict[str, Any], str]:
-    """The engine-only JSON and where it came from."""
+def engine_settings(run: RunConfig) -> dict[str, Any]:
+    """The engine-only JSON of ds_configs/ (or train.ds_config), checked: fails with one line on a bad file."""
     path = Path(run.train.ds_config) if run.train.ds_config else DS_CONFIGS / f"zero{run.train.zero_stage}.json"
     if not path.is_file():
         raise ValueError(f"DeepSpeed config {path} does not exist")
@@ -68,11 +68,11 @@ def engine_settings(run: RunConfig) -> tuple[dict[str, Any], str]:
     stage = settings.get("zero_optimization", {}).get("stage", 0)
     if run.train.ds_config and stage != run.train.zero_stage:
         raise ValueError(f"{path} is ZeRO stage {stage} but train.zero_stage={run.train.zero_stage}: make them agree")
-    return settings, str(path)
+    return settings
 
 
-def build_ds_config(run: RunConfig, plan: BatchPlan, precision: str, *, load_universal: bool = False) -> dict[str, Any]:
-    settings, _ = engine_settings(run)
+def build_ds_config(run: RunConfig, settings: dict[str, Any], plan: BatchPlan, precision: str, *,
+                    load_universal: bool = False) -> dict[str, Any]:
     zero = settings.get("zero_optimization", {})
     offload = any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
     optimizer_params: dict[str, Any] = {"lr": run.optim.lr, "betas": list(run.optim.betas), "eps": run.optim.eps,

@@ -57,7 +57,7 @@ def train(run: RunConfig) -> int:
         check_compatible(manifest, config)
         plan = batch_plan(run.train.global_batch, run.data.micro_batch, info.world_size)
         precision = resolve_precision(run.train.precision, info.device.type)
-        engine_settings(run)  # fails early, with one line, on a bad ds_config
+        settings = engine_settings(run)  # read once, before anything slow: a bad ds_config fails in one line
         run_dir = Path(run.run_dir)
         tag = resume_target(run)
         universal = False
@@ -69,7 +69,7 @@ def train(run: RunConfig) -> int:
                       f"DeepSpeed's universal checkpoint", flush=True)
                 convert_to_universal(run_dir / "checkpoints", tag, zero_stage=meta["zero_stage"])
             dist.barrier()
-        ds_config = build_ds_config(run, plan, precision, load_universal=universal)
+        ds_config = build_ds_config(run, settings, plan, precision, load_universal=universal)
         if info.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             resolved = run.to_dict() | {"resolved": {"model": config.to_dict(), "world_size": info.world_size,
