@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-test.txt requirements-reference.txt pypr
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m retro_dist.smoke
+	$(PY) -m retro_dist.demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -73,32 +73,13 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import torch
+    from retro_dist.generate import describe, generate, load_for_generation
 
-    from retro_dist import RETRO
-    from retro_dist.generate import Retriever, check_same_tokenizer, generate
-
-    check_same_tokenizer(args.model, args.dataset)
-    model = RETRO.from_pretrained(args.model).float().eval()
-    retriever = Retriever(args.dataset, num_neighbors=args.neighbors)
-    from retro_dist.data.loader import check_compatible
-    check_compatible(retriever.manifest, model.config)
-    tokenizer = retriever.tokenizer
-    prompt = tokenizer.encode(args.prompt, add_special_tokens=False).ids
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, retriever = load_for_generation(args.model, args.dataset, num_neighbors=args.neighbors)
+    prompt = retriever.tokenizer.encode(args.prompt, add_special_tokens=False).ids
     out = generate(model, retriever, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    text = tokenizer.decode(out.tokens[out.prompt_length:], skip_special_tokens=True)
-    print(f"prompt: {args.prompt}\ncontinuation: {text}\n")
-    cs = model.config.chunk_size
-    for c, ids in enumerate(out.neighbor_ids):
-        chunk = tokenizer.decode(out.tokens[c * cs:(c + 1) * cs], skip_special_tokens=True)
-        print(f"chunk {c} {' '.join(chunk.split())[:70]!r} retrieved:")
-        for j in ids:
-            if j >= 0:
-                neighbor = tokenizer.decode(retriever.db[j].tolist(), skip_special_tokens=True)
-                print(f"    #{j}: {' '.join(neighbor.split())[:90]!r}")
-    print(f"\n{len(out.neighbor_ids)} retrievals, one per completed chunk of {cs} tokens")
+    print(describe(out, retriever, prompt_text=args.prompt))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,7 +75,7 @@ class TrainSection:
     ds_config: str = ""
     """A DeepSpeed JSON with engine settings (default: ds_configs/zero{zero_stage}.json)."""
     activation_checkpointing: str = "none"
-    """`none`, `every` (each encoder and decoder block) or `every:N` (every N-th block)."""
+    """`none`, `every` (each encoder and decoder block) or `every:N` (the N-th, 2N-th, ... block of each)."""
     seed: int = 0
     """Seed of initialisation, data order and dropout (each rank adds its rank to its dropout seed)."""
     dist_timeout_s: int = 300

@@ -65,6 +65,18 @@ def check_same_tokenizer(model_dir: str | Path, dataset: str | Path) -> None:
                          f"dataset the model was trained on")
 
 
+def load_for_generation(model_dir: str | Path, dataset: str | Path, *,
+                        num_neighbors: int | None = None) -> tuple[RETRO, Retriever]:
+    """An exported model (fp32, eval mode) and a retriever over the dataset it was trained on, checked to match."""
+    from retro_dist.data.loader import check_compatible
+
+    check_same_tokenizer(model_dir, dataset)
+    model = RETRO.from_pretrained(model_dir).float().eval()
+    retriever = Retriever(dataset, num_neighbors=num_neighbors)
+    check_compatible(retriever.manifest, model.config)
+    return model, retriever
+
+
 def _sample(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
     if temperature <= 0:
         return int(logits.argmax())
@@ -118,3 +130,19 @@ def generate(model: RETRO, retriever: Retriever, prompt: list[int], *, max_new_t
             break
         out.tokens.append(_sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator))
     return out
+
+
+def describe(out: Generation, retriever: Retriever, *, prompt_text: str | None = None, width: int = 90) -> str:
+    """The prompt, the continuation, and the neighbors retrieved for each completed chunk, for people to read."""
+    tokenizer, cs = retriever.tokenizer, retriever.manifest["chunk_size"]
+
+    def text(ids) -> str:
+        return " ".join(tokenizer.decode(list(ids), skip_special_tokens=True).split())
+
+    prompt = prompt_text if prompt_text is not None else text(out.tokens[:out.prompt_length])
+    lines = [f"prompt: {prompt}", f"continuation: {text(out.tokens[out.prompt_length:])}", ""]
+    for c, ids in enumerate(out.neighbor_ids):
+        lines.append(f"chunk {c} {text(out.tokens[c * cs:(c + 1) * cs])[:width - 20]!r} retrieved:")
+        lines += [f"    #{j}: {text(retriever.db[j].tolist())[:width]!r}" for j in ids if j >= 0]
+    lines.append(f"\n{len(out.neighbor_ids)} retrievals, one per completed chunk of {cs} tokens")
+    return "\n".join(lines)

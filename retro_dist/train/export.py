@@ -58,20 +58,22 @@ def export(run_dir: str | Path, out: str | Path, *, step: int | None = None, dty
 @torch.no_grad()
 def evaluate(model_dir: str | Path, dataset: str | Path, *, split: str = "val", batch_size: int = 4,
              max_batches: int = 0) -> dict[str, float]:
-    """Mean token loss and perplexity over `split`, with retrieval and with retrieval off."""
+    """Token-weighted mean loss and perplexity over `split`, with retrieval and with retrieval off."""
     from retro_dist.data.loader import RetroLoader, check_compatible
 
     model = RETRO.from_pretrained(model_dir).float().eval()
     check_compatible(load_manifest(dataset), model.config)
     loader = RetroLoader(dataset, split, batch_size=batch_size, rank=0, world_size=1)
     on = off = 0.0
-    count = 0
+    tokens = batches = 0
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
-        on += model(batch["tokens"], batch["retrieved"], return_loss=True).item()
-        off += model(batch["tokens"], None, return_loss=True).item()
-        count += 1
-    on, off = on / count, off / count
+        n = int((batch["tokens"][:, 1:] != model.config.pad_id).sum())  # the labels the mean loss is over
+        on += model(batch["tokens"], batch["retrieved"], return_loss=True).item() * n
+        off += model(batch["tokens"], None, return_loss=True).item() * n
+        tokens += n
+        batches += 1
+    on, off = on / tokens, off / tokens
     return {"loss": on, "ppl": math.exp(on), "loss_no_retrieval": off, "ppl_no_retrieval": math.exp(off),
-            "batches": count}
+            "batches": batches, "tokens": tokens}

@@ -11,8 +11,8 @@ from retro_dist.model import RETRO
 
 
 def apply_activation_checkpointing(model: RETRO, mode: str) -> int:
-    """`none`, `every` or `every:N`: recompute the activations of every (N-th) block in backward. Returns the
-    number of blocks wrapped. Non-reentrant checkpointing: works with keyword arguments, nested blocks (the encoder
+    """`none`, `every` or `every:N`: recompute the activations of every block, or of the N-th, 2N-th, ... block
+    of the encoder and of the decoder (torchtitan's ac_freq), in backward. Returns the number of blocks wrapped. Non-reentrant checkpointing: works with keyword arguments, nested blocks (the encoder
     runs inside a decoder block) and every ZeRO stage; dropout masks are replayed, so losses are unchanged."""
     if mode == "none":
         return 0
@@ -20,7 +20,7 @@ def apply_activation_checkpointing(model: RETRO, mode: str) -> int:
     wrapped = 0
     for blocks in (model.decoder.blocks, model.encoder.blocks):
         for i, block in enumerate(blocks):
-            if i % every == 0:
+            if (i + 1) % every == 0:
                 block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
                 wrapped += 1
     return wrapped
