@@ -1,10 +1,11 @@
 """The README's first command, shortened: every stage of `python -m retro_dist.demo` runs for real (stdlib corpus,
-MiniLM, faiss, 2 ranks under the deepspeed launcher, export, eval, generation, the PNG), with 6 training steps, so
-the retrieval target is missed and the demo must say so and exit 3. Re-running it resumes instead of redoing."""
+MiniLM, faiss, 2 ranks under the deepspeed launcher, export, eval, generation, the PNG), with 6 training steps.
+Its exit status must agree with the gain it printed (3 below the 10% target). Re-running it resumes."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,18 @@ def _demo(out: Path, *args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def _check_exit_status(result: subprocess.CompletedProcess) -> None:
+    found = re.search(r"retrieval lowers validation perplexity by (-?[0-9.]+)%", result.stdout)
+    assert found, result.stdout[-3000:] + result.stderr[-3000:]
+    if float(found.group(1)) >= 10:
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        assert result.returncode == 3 and "less than the 10%" in result.stderr, result.stderr[-3000:]
+
+
 def test_demo_end_to_end_then_resume(tmp_path):
     first = _demo(tmp_path / "demo")
-    assert first.returncode == 3, first.stdout[-3000:] + first.stderr[-3000:]
+    _check_exit_status(first)
     out = first.stdout
     for stage in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6", "where to look next"):
         assert f"=== {stage}" in out
@@ -32,13 +42,12 @@ def test_demo_end_to_end_then_resume(tmp_path):
     assert "with retrieval" in out and "retrieval off" in out and "retrieval lowers validation perplexity" in out
     assert "retrievals, one per completed chunk of 64 tokens" in out and "retrieved:" in out
     assert "tensorboard --logdir" in out and "launch/hostfile.sh" in out
-    assert "less than the 10%" in first.stderr
     run = tmp_path / "demo" / "run"
     assert (run / "export" / "model.safetensors").is_file() and (run / "export" / "tokenizer.json").is_file()
     assert (run / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
     again = _demo(tmp_path / "demo")
-    assert again.returncode == 3, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "is already written" in again.stdout and "skipping" in again.stdout.lower()
-    assert "resum" in again.stdout.lower()
+    _check_exit_status(again)
+    assert "is already written" in again.stdout and "up to date" in again.stdout
+    assert "resumed from step_00000006 at step 6" in again.stdout
