@@ -92,7 +92,7 @@ def _sample(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: floa
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model: RETRO, retriever: Retriever, prompt: list[int], *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              use_cache: bool = True) -> Generation:

@@ -198,7 +198,7 @@ class RETRO(nn.Module):
     def new_cache(self) -> DecodeCache:
         return DecodeCache(kv=[KVCache() for _ in self.decoder.blocks])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode_step(self, tokens: Tensor, cache: DecodeCache, neighbors: Tensor | None = None) -> Tensor:
         """Logits [b, num_tokens] of the next token after `tokens` [b] at position cache.length, the same as the
         last row of a full forward with retrieval. `neighbors` [b, r, m] must be given exactly when this token
