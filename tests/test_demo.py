@@ -51,3 +51,12 @@ def test_demo_end_to_end_then_resume(tmp_path):
     _check_exit_status(again)
     assert "is already written" in again.stdout and "up to date" in again.stdout
     assert "resumed from step_00000006 at step 6" in again.stdout
+
+
+def test_unusable_demo_directory_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = _demo(tmp_path / "file" / "demo")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"demo: error: cannot use {tmp_path / 'file' / 'demo'} as the demo directory (Not a directory); "
+        f"pass another --out"]
