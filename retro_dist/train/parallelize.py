@@ -12,8 +12,9 @@ from retro_dist.model import RETRO
 
 def apply_activation_checkpointing(model: RETRO, mode: str) -> int:
     """`none`, `every` or `every:N`: recompute the activations of every block, or of the N-th, 2N-th, ... block
-    of the encoder and of the decoder (torchtitan's ac_freq), in backward. Returns the number of blocks wrapped. Non-reentrant checkpointing: works with keyword arguments, nested blocks (the encoder
-    runs inside a decoder block) and every ZeRO stage; dropout masks are replayed, so losses are unchanged."""
+    of the encoder and of the decoder (torchtitan's ac_freq), in backward. Returns the number of blocks wrapped.
+    Non-reentrant checkpointing: works with keyword arguments, nested blocks (the encoder runs inside a decoder
+    block) and every ZeRO stage; dropout masks are replayed, so losses are unchanged."""
     if mode == "none":
         return 0
     every = 1 if mode == "every" else int(mode.split(":", 1)[1])
