@@ -69,7 +69,7 @@ def _eval(args: argparse.Namespace) -> None:
     r = evaluate(args.model, args.dataset, split=args.split, batch_size=args.batch_size, max_batches=args.batches)
     print(f"{args.split} over {r['batches']} batches:  with retrieval loss {r['loss']:.4f} ppl {r['ppl']:.2f}  |  "
           f"without retrieval loss {r['loss_no_retrieval']:.4f} ppl {r['ppl_no_retrieval']:.2f}  |  "
-          f"retrieval lowers perplexity by {1 - r['ppl'] / r['ppl_no_retrieval']:.1%}")
+          f"retrieval lowers perplexity by {r['gain']:.1%}")
 
 
 def _generate(args: argparse.Namespace) -> None:

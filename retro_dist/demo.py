@@ -101,12 +101,11 @@ def evaluate(model_dir: Path, dataset: Path) -> float:
 
     print(f"$ retro-dist eval --model {model_dir} --dataset {dataset}")
     r = evaluate_model(model_dir, dataset)
-    gain = 1 - r["ppl"] / r["ppl_no_retrieval"]
     print(f"validation ({r['tokens']:,} tokens)   loss     perplexity\n"
           f"  with retrieval          {r['loss']:.4f}   {r['ppl']:8.2f}\n"
           f"  retrieval off           {r['loss_no_retrieval']:.4f}   {r['ppl_no_retrieval']:8.2f}\n"
-          f"retrieval lowers validation perplexity by {gain:.1%} (target: at least {TARGET:.0%})")
-    return gain
+          f"retrieval lowers validation perplexity by {r['gain']:.1%} (target: at least {TARGET:.0%})")
+    return r["gain"]
 
 
 def sample(model_dir: Path, dataset: Path, prompt: str) -> None:
@@ -144,9 +143,10 @@ def plot(run_dir: Path) -> Path | None:
     ax.set(xlabel="step", ylabel="loss (nats per token)", title="RETRO demo: loss with and without retrieval")
     ax.grid(alpha=0.3)
     ax.legend()
-    path = run_dir / "loss_curves.png"
-    fig.savefig(path, bbox_inches="tight")
+    path, partial = run_dir / "loss_curves.png", run_dir / f".loss_curves.png.tmp-{os.getpid()}"
+    fig.savefig(partial, bbox_inches="tight", format="png")
     plt.close(fig)
+    os.replace(partial, path)  # never a half-written PNG under the final name
     return path
 
 

@@ -58,7 +58,8 @@ def export(run_dir: str | Path, out: str | Path, *, step: int | None = None, dty
 @torch.no_grad()
 def evaluate(model_dir: str | Path, dataset: str | Path, *, split: str = "val", batch_size: int = 4,
              max_batches: int = 0) -> dict[str, float]:
-    """Token-weighted mean loss and perplexity over `split`, with retrieval and with retrieval off."""
+    """Token-weighted mean loss and perplexity over `split`, with retrieval and with retrieval off; `gain` is
+    1 - ppl / ppl_no_retrieval, how much retrieval lowers perplexity."""
     from retro_dist.data.loader import RetroLoader, check_compatible
 
     model = RETRO.from_pretrained(model_dir).float().eval()
@@ -76,4 +77,4 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, split: str = "val", 
         batches += 1
     on, off = on / tokens, off / tokens
     return {"loss": on, "ppl": math.exp(on), "loss_no_retrieval": off, "ppl_no_retrieval": math.exp(off),
-            "batches": batches, "tokens": tokens}
+            "gain": 1 - math.exp(on - off), "batches": batches, "tokens": tokens}
