@@ -17,19 +17,12 @@ import argparse
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def live_tensor_bytes() -> int:
@@ -147,7 +140,9 @@ def activation_bytes(mode: str, *, layers: int, dim: int, seq: int, micro: int, 
 
 
 def run(engine: str, ac: str, *, layers: int, dim: int, seq: int, micro: int, steps: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    from retro_dist.dist import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            __file__, "--worker", "--engine", engine, "--ac", ac, "--layers", str(layers), "--dim", str(dim),
            "--seq", str(seq), "--micro", str(micro), "--steps", str(steps)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

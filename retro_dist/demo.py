@@ -19,11 +19,12 @@ import argparse
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from retro_dist.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
@@ -46,12 +47,6 @@ def _run(command: list[str], *, shown: str | None = None, env: dict[str, str] | 
     code = subprocess.call(command, env={**os.environ, **(env or {})}, cwd=REPO)
     if code:
         raise DemoError(f"`{shown or shlex.join(command)}` failed with exit code {code} (its output is above)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def corpus(out: Path) -> Path:
@@ -83,7 +78,7 @@ def train(dataset: Path, run_dir: Path, *, nproc: int, steps: int | None) -> Non
     args = [f"--config={CONFIG.relative_to(REPO)}", f"--data.dataset={dataset}", f"--run_dir={run_dir}"]
     if steps is not None:
         args.append(f"--train.steps={steps}")
-    env = {"NPROC": str(nproc), "MASTER_PORT": str(_free_port()), "RETRO_VENV": sys.prefix}
+    env = {"NPROC": str(nproc), "MASTER_PORT": str(free_port()), "RETRO_VENV": sys.prefix}
     _run(["bash", str(launcher), *args], env=env, shown=f"NPROC={nproc} launch/local.sh {shlex.join(args)}")
 
 

@@ -17,6 +17,13 @@ from dataclasses import dataclass
 import torch
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for MASTER_PORT on one machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class DistInitError(RuntimeError):
     """The process group could not be formed: one line naming the rendezvous and what to check."""
 
@@ -75,9 +82,7 @@ def discover(env: dict[str, str] | None = None) -> tuple[dict[str, str], str]:
         launcher = "single"
         mapped = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
         if "MASTER_PORT" not in env:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                mapped["MASTER_PORT"] = str(s.getsockname()[1])
+            mapped["MASTER_PORT"] = str(free_port())
     if int(mapped["WORLD_SIZE"]) > 1 and "MASTER_ADDR" not in env and "MASTER_ADDR" not in mapped:
         raise DistInitError(f"{int(mapped['WORLD_SIZE'])} ranks from the {launcher} launcher but no MASTER_ADDR: set "
                            f"MASTER_ADDR (the first host) and MASTER_PORT, or use a launch/ script")

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from retro_dist.dist import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 STEP_LOSS = re.compile(r"^step (\d+)/\d+ \| loss ([0-9.]+)", re.M)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict[str, str]:
