@@ -65,11 +65,10 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from retro_dist.train.export import evaluate
-    r = evaluate(args.model, args.dataset, split=args.split, batch_size=args.batch_size, max_batches=args.batches)
-    print(f"{args.split} over {r['batches']} batches:  with retrieval loss {r['loss']:.4f} ppl {r['ppl']:.2f}  |  "
-          f"without retrieval loss {r['loss_no_retrieval']:.4f} ppl {r['ppl_no_retrieval']:.2f}  |  "
-          f"retrieval lowers perplexity by {r['gain']:.1%}")
+    from retro_dist.evaluate import evaluate_model, format_report
+    r = evaluate_model(args.model, args.dataset, split=args.split, batch_size=args.batch_size,
+                       max_samples=args.max_samples, num_neighbors=args.neighbors, seed=args.seed)
+    print(json.dumps(r, indent=2) if args.json else format_report(r))
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -80,6 +79,12 @@ def _generate(args: argparse.Namespace) -> None:
     out = generate(model, retriever, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(describe(out, retriever, prompt_text=args.prompt))
+
+
+def _neighbors(args: argparse.Namespace) -> None:
+    from retro_dist.inspect_neighbors import format_text, gather
+    report = gather(args.dataset, split=args.split, sample=args.sample, chunk=args.chunk, db_chunk=args.db_chunk)
+    print(json.dumps(report, ensure_ascii=False) if args.json else format_text(report, width=args.width))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,12 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
 
     evaluate = sub.add_parser("eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                              help="validation loss and perplexity, with retrieval and without")
+                              help="token-weighted loss and perplexity with true neighbors, random neighbors and "
+                                   "retrieval off, and the loss by neighbor-overlap bucket")
     evaluate.add_argument("--model", required=True, help="an exported model directory")
     evaluate.add_argument("--dataset", required=True, help="a dataset directory")
     evaluate.add_argument("--split", default="val")
     evaluate.add_argument("--batch-size", type=int, default=4)
-    evaluate.add_argument("--batches", type=int, default=0, help="at most this many batches (0: the whole split)")
+    evaluate.add_argument("--max-samples", type=int, default=0, help="the first N samples (0: the whole split)")
+    evaluate.add_argument("--neighbors", type=int, default=None, help="neighbors per chunk (default: the dataset's)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the random-neighbor draw")
+    evaluate.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     evaluate.set_defaults(run=_eval)
 
     gen = sub.add_parser("generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -126,6 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--neighbors", type=int, default=None, help="neighbors per chunk (default: the dataset's)")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run=_generate)
+
+    nb = sub.add_parser("neighbors", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        help="show what chunks retrieved: text, documents and similarity of each neighbor",
+                        description="Every chunk of one sample (--sample), one chunk (--chunk) or one database chunk "
+                                    "(--db-chunk, its text only); neighbors print as chunk ‖ continuation.")
+    nb.add_argument("--dataset", required=True, help="a dataset directory")
+    nb.add_argument("--split", default="val", help="train or val (the database is train's chunk stream)")
+    nb.add_argument("--sample", type=int, help="every chunk of this sample of the split")
+    nb.add_argument("--chunk", type=int, help="this chunk id of the split's chunk stream")
+    nb.add_argument("--db-chunk", type=int, help="this chunk of the database: its text, no neighbors")
+    nb.add_argument("--width", type=int, default=200, help="cut each text to this many characters (0: no limit)")
+    nb.add_argument("--json", action="store_true", help="print one JSON object (full texts) instead")
+    nb.set_defaults(run=_neighbors)
 
     convert = sub.add_parser("convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                              help="convert weights between RETRO-pytorch and retro_dist, exactly",

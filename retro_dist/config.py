@@ -97,9 +97,9 @@ class LoggingSection:
     every: int = 10
     """Console line and TensorBoard scalars every N steps."""
     val_every: int = 50
-    """Validation (with and without retrieval) every N steps and at the end; 0 disables."""
-    val_batches: int = 8
-    """Micro-batches per rank per validation."""
+    """Validation (true neighbors, random neighbors, retrieval off) every N steps and at the end; 0 disables."""
+    val_samples: int = 256
+    """Validation samples (the first ones of the split, whatever the world size); 0 means the whole split."""
     tensorboard: bool = True
     """Write RUN/tensorboard on rank 0."""
 

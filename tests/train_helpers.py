@@ -37,7 +37,7 @@ def losses(output: str) -> dict[int, float]:
 def tiny_args(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
     return [f"--data.dataset={dataset}", f"--run_dir={run_dir}", "--model.preset=tiny", "--data.micro_batch=2",
             "--data.num_workers=0", "--train.precision=fp32", "--optim.warmup_steps=2", "--optim.lr=3e-3",
-            "--logging.every=1", "--logging.val_every=6", "--logging.val_batches=4", "--checkpoint.every=4",
+            "--logging.every=1", "--logging.val_every=6", "--logging.val_samples=8", "--checkpoint.every=4",
             *extra]
 
 

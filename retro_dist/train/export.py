@@ -1,15 +1,14 @@
-"""`retro-dist export` (a checkpoint of any ZeRO stage -> one model directory) and `retro-dist eval`."""
+"""`retro-dist export`: a checkpoint of any ZeRO stage -> one model directory."""
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
 import torch
 
-from retro_dist.data.format import Layout, load_manifest
+from retro_dist.data.format import Layout
 from retro_dist.model import RETRO, RetroConfig
 
 from .checkpoint import newest_whole, read_meta, tag_for
@@ -53,28 +52,3 @@ def export(run_dir: str | Path, out: str | Path, *, step: int | None = None, dty
     if tokenizer.is_file():
         shutil.copy(tokenizer, out / "tokenizer.json")
     return out
-
-
-@torch.no_grad()
-def evaluate(model_dir: str | Path, dataset: str | Path, *, split: str = "val", batch_size: int = 4,
-             max_batches: int = 0) -> dict[str, float]:
-    """Token-weighted mean loss and perplexity over `split`, with retrieval and with retrieval off; `gain` is
-    1 - ppl / ppl_no_retrieval, how much retrieval lowers perplexity."""
-    from retro_dist.data.loader import RetroLoader, check_compatible
-
-    model = RETRO.from_pretrained(model_dir).float().eval()
-    check_compatible(load_manifest(dataset), model.config)
-    loader = RetroLoader(dataset, split, batch_size=batch_size, rank=0, world_size=1)
-    on = off = 0.0
-    tokens = batches = 0
-    for i, batch in enumerate(loader):
-        if max_batches and i >= max_batches:
-            break
-        n = int((batch["tokens"][:, 1:] != model.config.pad_id).sum())  # the labels the mean loss is over
-        on += model(batch["tokens"], batch["retrieved"], return_loss=True).item() * n
-        off += model(batch["tokens"], None, return_loss=True).item() * n
-        tokens += n
-        batches += 1
-    on, off = on / tokens, off / tokens
-    return {"loss": on, "ppl": math.exp(on), "loss_no_retrieval": off, "ppl_no_retrieval": math.exp(off),
-            "gain": 1 - math.exp(on - off), "batches": batches, "tokens": tokens}

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from retro_dist.config import RunConfig
 from retro_dist.data.loader import RetroLoader
+from retro_dist.evaluate import Evaluator
 from retro_dist.model import RETRO
 
 from .checkpoint import Checkpointer
@@ -63,6 +64,7 @@ class Trainer:
         self.flops_per_sample = model_flops_per_sample(model.config, self.seq_len, self.loader.num_neighbors,
                                                        retrieval=d.retrieval)
         self.stop = StopFlag()
+        self.evaluator: Evaluator | None = None
 
     # state -------------------------------------------------------------------------------------------------------
 
@@ -165,28 +167,28 @@ class Trainer:
                   flush=True)
             self.metrics.scalars(self.step, values)
 
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Val loss and perplexity on the first logging.val_batches micro-batches per rank, retrieval on and off."""
-        d = self.run.data
-        loader = RetroLoader(d.dataset, "val", batch_size=d.micro_batch, seed=self.run.train.seed,
-                             num_neighbors=d.num_neighbors, on_bad_sample=d.on_bad_sample)
+        """Token-weighted val loss and perplexity with true neighbors, random neighbors and retrieval off, on the
+        first logging.val_samples samples of the split (0: all), through the same Evaluator as `retro-dist eval`."""
+        if self.evaluator is None:  # built on first use and kept: it holds this rank's share of the samples
+            d = self.run.data
+            self.evaluator = Evaluator(d.dataset, "val", batch_size=d.micro_batch,
+                                       max_samples=self.run.logging.val_samples, num_neighbors=d.num_neighbors,
+                                       seed=self.run.train.seed, rank=self.rank, world_size=self.world)
         self.engine.eval()
-        sums = [0.0, 0.0, 0.0]
-        for i, batch in zip(range(self.run.logging.val_batches), loader.forever()):
-            tokens = batch["tokens"].to(self.device)
-            sums[0] += self.engine(tokens, batch["retrieved"].to(self.device), return_loss=True).item()
-            sums[1] += self.engine(tokens, None, return_loss=True).item()
-            sums[2] += 1
-        self.engine.train()
-        total = torch.tensor(sums, dtype=torch.float64)
-        dist.all_reduce(total)
-        on, off = (total[0] / total[2]).item(), (total[1] / total[2]).item()
-        values = {"val/loss": on, "val/ppl": math.exp(min(on, 50)), "val/loss_no_retrieval": off,
-                  "val/ppl_no_retrieval": math.exp(min(off, 50))}
+        try:
+            r = self.evaluator.run(self.engine, device=self.device, all_reduce=dist.all_reduce)
+        finally:
+            self.engine.train()
+        loss = r["loss"]
+        values = {"val/loss": loss["true"], "val/ppl": r["ppl"]["true"],
+                  "val/loss_random_neighbors": loss["random"], "val/ppl_random_neighbors": r["ppl"]["random"],
+                  "val/loss_no_retrieval": loss["off"], "val/ppl_no_retrieval": r["ppl"]["off"],
+                  "val/gain_vs_random": r["gain_vs_random"], "val/gain_vs_off": r["gain_vs_off"]}
         if self.rank == 0:
-            print(f"step {self.step} | val loss {on:.4f} ppl {values['val/ppl']:.2f} | without retrieval "
-                  f"{off:.4f} ppl {values['val/ppl_no_retrieval']:.2f}", flush=True)
+            print(f"step {self.step} | val loss {loss['true']:.4f} ppl {r['ppl']['true']:.2f} | random neighbors "
+                  f"{loss['random']:.4f} ppl {r['ppl']['random']:.2f} | retrieval off {loss['off']:.4f} ppl "
+                  f"{r['ppl']['off']:.2f} | gain over random {r['gain_vs_random']:.1%}", flush=True)
             self.metrics.scalars(self.step, values)
         return values
 
