@@ -1,5 +1,8 @@
-"""Real English text that every machine has without downloads: the docstrings of Python's standard library
-(PSF licence, a few MB). Used by the tests, the benchmarks and the demo.
+"""Corpora every machine has without downloads, used by the tests, the benchmarks and the demo:
+
+- `stdlib_docstrings`: the docstrings of Python's standard library (PSF licence, a few MB of English).
+- `copy_task_docs`: a synthetic copy task: documents of random words, each written twice under different headers,
+  so a model can only predict the second copy's words by reading its neighbors (the first copy).
 
     python -m data_prep.corpora OUT_DIR [--limit N]    # one .txt document per docstring
 """
@@ -7,6 +10,8 @@
 from __future__ import annotations
 
 import ast
+import random
+import re
 import sysconfig
 from pathlib import Path
 
@@ -30,6 +35,74 @@ def stdlib_docstrings(limit: int | None = None, *, min_chars: int = 200) -> list
                     if limit is not None and len(docs) >= limit:
                         return list(docs)
     return list(docs)
+
+
+def _words(count: int) -> list[str]:
+    """The first `count` distinct lowercase words of the stdlib docstrings: a fixed vocabulary of real words."""
+    words: dict[str, None] = {}
+    for doc in stdlib_docstrings():
+        for word in re.findall(r"\b[a-z]{3,12}\b", doc):
+            words.setdefault(word, None)
+        if len(words) >= count:
+            break
+    return list(words)[:count]
+
+
+def copy_task_docs(num_docs: int = 1200, *, vocab_words: int = 1119, words_per_doc: int = 60,
+                   aligned: bool = False, seed: int = 0) -> list[str]:
+    """A copy task: num_docs // 2 texts of random words, each written twice under different headers and shuffled
+    apart, so a model predicts the second copy's words only by reading its neighbors (the first copy is another
+    document, which the no-leakage rule allows it to retrieve). In-context copying cannot help.
+
+    aligned=False: headers of different lengths, so the copies' chunk boundaries fall at unrelated offsets (copying
+    needs content matching). aligned=True: one-word headers, for `copy_task_tokenizer` (one token per word) with
+    words_per_doc = 2 * chunk_size - 2, so every document fills exactly two chunks with its eos and a neighbor's
+    continuation lines up token for token with what follows the chunk (copying by position)."""
+    vocab = _words(vocab_words)
+    rng = random.Random(seed)
+    docs = []
+    for i in range(num_docs // 2):
+        body = " ".join(rng.choice(vocab) for _ in range(words_per_doc))
+        if aligned:
+            docs += [f"record {body}", f"duplicate {body}"]
+        else:
+            docs += [f"Record {i}.\n{body}", f"Copy of record number {i}, kept as written:\n{body}"]
+    rng.shuffle(docs)
+    return docs
+
+
+def copy_task_tokenizer(path: Path, *, vocab_words: int = 1119) -> Path:
+    """A word-level tokenizer (one token per word of the copy task's vocabulary, `<pad>` = 0, `<eos>` = 1), saved as
+    tokenizer.json for `retro-dist prepare --tokenizer`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "record": 3, "duplicate": 4}
+    for word in _words(vocab_words):
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer.add_special_tokens(["<pad>", "<eos>"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return path
+
+
+def prepare_copy_task(out: Path, *, aligned: bool, num_docs: int = 1200, seq_len: int = 256,
+                      chunk_size: int = 64, num_neighbors: int = 2) -> Path:
+    """A copy-task dataset in out/ds (hash-256 embedder, exact index): aligned with the word-level tokenizer, or
+    misaligned with a byte-level BPE of 2048 tokens trained on it. Returns the dataset directory."""
+    from data_prep.pipeline import main as prepare
+
+    words = 2 * chunk_size - 2 if aligned else 60
+    text = write_corpus(out / "text", copy_task_docs(num_docs, words_per_doc=words, aligned=aligned))
+    tokenizer = (["--tokenizer", str(copy_task_tokenizer(out / "tokenizer.json"))] if aligned
+                 else ["--vocab-size", "2048"])
+    args = ["--input", str(text), "--out", str(out / "ds"), *tokenizer, "--seq-len", str(seq_len), "--chunk-size",
+            str(chunk_size), "--embedder", "hash-256", "--num-neighbors", str(num_neighbors), "--val-fraction", "0.05"]
+    if prepare(args) != 0:
+        raise RuntimeError(f"retro-dist prepare {' '.join(args)} failed")
+    return out / "ds"
 
 
 def write_corpus(directory: Path, docs: list[str]) -> Path:

@@ -115,6 +115,7 @@ def config_from_retro_pytorch(kwargs: dict[str, Any]) -> RetroConfig:
         warnings.warn(f"RETRO-pytorch ignores heads={kwargs['heads']} and runs {RP_HEADS} heads; "
                       f"the converted config says heads={RP_HEADS}", stacklevel=2)
     kwargs["heads"] = RP_HEADS
+    kwargs["cca_positions"] = "retro-pytorch"  # what its weights were trained with
     defaults = RetroConfig()
     for stack in ("enc", "dec"):
         # RETRO-pytorch silently drops cross-attention layers past the depth; keep the ones that exist
@@ -142,5 +143,6 @@ def infer_config(state: dict[str, Tensor], **overrides: Any) -> RetroConfig:
     for s, name in stacks.items():
         cross = tuple(i + 1 for i in layers[s] if any(k.startswith(f"{name}.layers.{i}.1.") for k in state))
         found[f"{s}_cross_attn_layers"] = None if len(cross) == len(layers[s]) else cross
+    found["cca_positions"] = "retro-pytorch"
     found.update(overrides)
     return RetroConfig(**found)

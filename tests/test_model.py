@@ -91,10 +91,30 @@ def test_defaults_are_retro_pytorchs(retro_pytorch):
     import inspect
     params = inspect.signature(retro_pytorch.RETRO.__init__).parameters
     ours = RetroConfig().to_dict()
+    assert ours.pop("cca_positions") == "aligned"  # ours alone: RETRO-pytorch's positions stop copying (README)
     for name, value in ours.items():
         expected = params[name].default
         assert value == (list(expected) if isinstance(expected, tuple) else expected), name
     assert set(params) - set(ours) == {"self", "norm_klass"}
+
+
+def test_cca_positions_default_and_legacy_configs():
+    assert RetroConfig().cca_positions == "aligned"
+    legacy = CONFIG.to_dict()
+    del legacy["cca_positions"]  # a config.json written before the field existed was trained with the old positions
+    assert RetroConfig.from_dict(legacy).cca_positions == "retro-pytorch"
+    assert RetroConfig.from_json(CONFIG.to_json()).cca_positions == CONFIG.cca_positions
+    with pytest.raises(ValueError, match="cca_positions='shifted' must be one of"):
+        RetroConfig(cca_positions="shifted")
+
+
+@pytest.mark.parametrize("mode, expected", [("aligned", list(range(7, 15))), ("retro-pytorch", [14] + [0] * 7)])
+def test_cca_query_positions(mode, expected):
+    """Window row t (the position that predicts the (t+1)-th token after the chunk) sits at chunk_size - 1 + t in
+    the neighbor's coordinates when aligned; RETRO-pytorch's shifted table puts row 0 at 2cs - 2, the rest at 0."""
+    model = RETRO(RetroConfig(**{**CONFIG.to_dict(), "cca_positions": mode}))
+    inputs = model._retrieval_inputs(torch.ones(1, 2, 2, 16, dtype=torch.long), dtype=torch.float32)
+    torch.testing.assert_close(inputs.cca_q_rope, model.rotary(torch.tensor(expected)))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -186,7 +206,8 @@ def test_blockwise_loss_equals_cross_entropy(block_elements, monkeypatch):
         torch.testing.assert_close(head(x, labels, ignore_index=0), expected, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("extra", [{}, {"use_deepnet": True}, {"gated_rmsnorm": True, "dec_cross_attn_layers": None}])
+@pytest.mark.parametrize("extra", [{}, {"use_deepnet": True}, {"gated_rmsnorm": True, "dec_cross_attn_layers": None},
+                                   {"cca_positions": "retro-pytorch"}])
 def test_decode_step_equals_full_forward(extra):
     """The KV cache + per-chunk encoding gives the last row of a full forward at every position."""
     config = RetroConfig(**{**CONFIG.to_dict(), "max_seq_len": 64, **extra})

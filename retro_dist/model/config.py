@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+CCA_POSITIONS = ("aligned", "retro-pytorch")
 MIN_DIM_HEAD = 32  # rotary dim is min(dim_head, 32); RETRO-pytorch refuses smaller heads
 BERT_VOCAB_SIZE = 28996  # RETRO-pytorch's default num_tokens (bert-base-cased)
 
@@ -54,6 +55,12 @@ class RetroConfig:
     """Use gated RMSNorm (norm output times sigmoid(x * w)); takes precedence over deepnet's LayerNorm."""
     use_deepnet: bool = False
     """DeepNet: post-norm blocks with LayerNorm, residual scaling and the DeepNet init."""
+    cca_positions: str = "aligned"
+    """Rotary positions of chunked cross-attention queries. `aligned` (new models): query row t of a chunk's window
+    sits at cs - 1 + t, in the neighbor's coordinates (keys 0 .. m - 1), so the token a query predicts lines up with
+    the neighbor's continuation. `retro-pytorch`: its shifted table (the first query at 2cs - 2, the others at 0),
+    kept so converted RETRO-pytorch weights give the same logits; with it a model cannot learn to copy by position
+    (README, Retrieval that is read)."""
 
     def __post_init__(self) -> None:
         for name in ("enc_cross_attn_layers", "dec_cross_attn_layers"):
@@ -82,6 +89,8 @@ class RetroConfig:
             if bad:
                 raise ValueError(f"RetroConfig.{name} has layers {bad} outside 1..{depth_name}={depth}; "
                                  f"layers are 1-based block numbers")
+        if self.cca_positions not in CCA_POSITIONS:
+            raise ValueError(f"RetroConfig.cca_positions={self.cca_positions!r} must be one of {CCA_POSITIONS}")
         if not 0 <= self.pad_id < self.num_tokens:
             raise ValueError(f"RetroConfig.pad_id={self.pad_id} must lie in [0, num_tokens={self.num_tokens})")
         for name in ("enc_attn_dropout", "enc_ff_dropout", "dec_attn_dropout", "dec_ff_dropout"):
@@ -123,7 +132,8 @@ class RetroConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown RetroConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        # a config written before cca_positions existed was trained with RETRO-pytorch's positions
+        return cls(**{"cca_positions": "retro-pytorch", **data})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

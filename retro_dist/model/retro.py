@@ -247,10 +247,15 @@ class RETRO(nn.Module):
         cs, device = self.config.chunk_size, retrieved.device
         keep = retrieved != self.config.pad_id
         arange = lambda length: torch.arange(length, device=device)  # noqa: E731
-        # RETRO-pytorch shifts its query rotary table with F.pad, which leaves the first query of a chunk at
-        # position 2*cs - 2 and the others at 0; kept as is so that its checkpoints give the same logits
-        cca_q_pos = torch.zeros(cs, device=device)
-        cca_q_pos[0] = 2 * cs - 2
+        if self.config.cca_positions == "aligned":
+            # window row t is the sequence position that predicts the (t+1)-th token after the chunk's last one:
+            # at cs - 1 + t it sits where the neighbor holds that token's counterpart (chunk 0..cs-1, continuation)
+            cca_q_pos = torch.arange(cs - 1, 2 * cs - 1, device=device)
+        else:
+            # RETRO-pytorch shifts its query rotary table with F.pad, which leaves the first query of a chunk at
+            # position 2*cs - 2 and the others at 0; kept so that its checkpoints give the same logits
+            cca_q_pos = torch.zeros(cs, device=device)
+            cca_q_pos[0] = 2 * cs - 2
         cca_keep = F.pad(rearrange(keep, "b k r m -> (b k) (r m)"), (1, 0), value=True)
         return RetrievalInputs(
             enc_rope=self.rotary(arange(m)),
