@@ -21,6 +21,10 @@ class PrepareConfig:
     """Tokens per retrieval chunk."""
     seq_len: int = 2048
     """Tokens per training sample (a multiple of chunk_size); each sample also holds one label token."""
+    doc_align: str = "none"
+    """`none`: documents are joined end to end; `chunk`: each document starts a new chunk (its last chunk is filled
+    with pad, which the loss ignores), so text shared by the starts of two documents gives chunks and continuations
+    that line up token for token, which a small model learns to copy (README, Retrieval that is read)."""
     val_fraction: float = 0.02
     """Share of documents in the validation split, chosen by a stable hash of each document's text."""
     num_neighbors: int = 2
@@ -47,6 +51,8 @@ class PrepareConfig:
             raise ValueError(f"val_fraction={self.val_fraction} must lie in [0, 1)")
         if self.num_neighbors < 1:
             raise ValueError(f"num_neighbors={self.num_neighbors} must be at least 1")
+        if self.doc_align not in ("none", "chunk"):
+            raise ValueError(f"doc_align={self.doc_align!r} must be 'none' or 'chunk'")
         if self.on_bad_utf8 not in ("skip", "error"):
             raise ValueError(f"on_bad_utf8={self.on_bad_utf8!r} must be 'skip' or 'error'")
         for name in ("vocab_size", "embed_batch", "block_size", "shard_samples", "shard_bytes"):

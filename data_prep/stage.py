@@ -14,7 +14,8 @@ from .parallel import World
 
 # which options each stage's output depends on: changing another option does not redo it
 STAGE_OPTIONS = {
-    "tokenize": ("inputs", "tokenizer", "vocab_size", "chunk_size", "seq_len", "val_fraction", "on_bad_utf8"),
+    "tokenize": ("inputs", "tokenizer", "vocab_size", "chunk_size", "seq_len", "val_fraction", "on_bad_utf8",
+                 "doc_align"),
     "embed": ("embedder",),
     "index": ("index_factory",),
     "neighbors": ("num_neighbors",),
@@ -44,7 +45,10 @@ def upstream(stage: str) -> str | None:
 def stage_fingerprint(stage: str, config: PrepareConfig, manifest: dict[str, Any], extra: Any = None) -> str:
     prev = upstream(stage)
     prev_fp = manifest["stages"][prev]["fingerprint"] if prev else None
-    return fingerprint(stage, {k: getattr(config, k) for k in STAGE_OPTIONS[stage]}, prev_fp, extra)
+    options = {k: getattr(config, k) for k in STAGE_OPTIONS[stage]}
+    if options.get("doc_align") == "none":
+        del options["doc_align"]  # the behaviour before the option existed: datasets prepared then stay up to date
+    return fingerprint(stage, options, prev_fp, extra)
 
 
 def run_stage(stage: str, root: Path, config: PrepareConfig, world: World,

@@ -104,13 +104,16 @@ def special_ids(tokenizer, source: str) -> tuple[int, int]:
     return found["pad"], found["eos"]
 
 
-def tokenize_stream(tokenizer, docs: list[str], eos_id: int, *, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """Documents -> (token stream int32, exclusive end offset of each document int64); each ends with eos."""
+def tokenize_stream(tokenizer, docs: list[str], eos_id: int, *, desc: str, align: int = 1,
+                    pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Documents -> (token stream int32, exclusive end offset of each document int64); each ends with eos, then
+    pad up to a multiple of `align` tokens (1: no padding)."""
     pieces, lengths = [], []
     bar = tqdm(total=len(docs), desc=desc, unit="doc", disable=not docs, mininterval=1.0)
     for start in range(0, len(docs), 1000):
         for enc in tokenizer.encode_batch(docs[start:start + 1000], add_special_tokens=False):
-            ids = np.asarray(enc.ids + [eos_id], dtype=np.int32)
+            length = len(enc.ids) + 1
+            ids = np.asarray(enc.ids + [eos_id] + [pad_id] * (-length % align), dtype=np.int32)
             pieces.append(ids)
             lengths.append(len(ids))
         bar.update(min(1000, len(docs) - start))
@@ -164,7 +167,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     counts: dict[str, Any] = {}
     for split, docs in splits.items():
-        stream, doc_ends = tokenize_stream(tokenizer, docs, eos_id, desc=f"tokenize {split}")
+        align = c.chunk_size if c.doc_align == "chunk" else 1
+        stream, doc_ends = tokenize_stream(tokenizer, docs, eos_id, desc=f"tokenize {split}", align=align,
+                                           pad_id=pad_id)
         chunks, chunk_docs = cut_chunks(stream, doc_ends, c.chunk_size, pad_id)
         save_npy(layout.chunks(split), chunks)
         save_npy(layout.chunk_docs(split), chunk_docs)
@@ -175,7 +180,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         raise DatasetError(f"the train split has {counts['train']['tokens']} tokens, too few for one sample of "
                            f"seq_len={c.seq_len} (+1 label token): add text or lower --seq-len")
     ctx.facts.update(tokenizer="tokenizer.json", vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
-                     pad_id=pad_id, eos_id=eos_id, chunk_size=c.chunk_size, seq_len=c.seq_len,
+                     pad_id=pad_id, eos_id=eos_id, chunk_size=c.chunk_size, seq_len=c.seq_len, doc_align=c.doc_align,
                      counts=counts, input_stats=stats)
     return {"documents": sum(v["documents"] for v in counts.values()), "train_tokens": counts["train"]["tokens"],
             "val_tokens": counts["val"]["tokens"], "db_chunks": counts["train"]["chunks"], **stats}

@@ -152,6 +152,27 @@ def test_planted_duplicates_are_found_but_own_documents_are_not(tmp_path, docs):
     assert inside > 20 and hits / inside > 0.9
 
 
+def test_doc_align_chunk_starts_every_document_on_a_chunk(tmp_path, docs):
+    """--doc-align chunk: every document's first token opens a chunk, the padding is pad, nothing is lost; the same
+    text at the start of two documents then gives identical chunks."""
+    corpus = write_corpus(tmp_path / "corpus", docs[:40] + [docs[0]])
+    assert build(corpus, tmp_path / "ds", "--val-fraction", "0", "--doc-align", "chunk") == 0
+    layout, manifest = Layout(tmp_path / "ds"), load_manifest(tmp_path / "ds")
+    chunks, chunk_docs = np.load(layout.chunks("train")), np.load(layout.chunk_docs("train"))
+    assert manifest["doc_align"] == "chunk"
+    assert (chunk_docs[:, 0] == chunk_docs[:, 1]).all()  # no chunk holds two documents
+    starts = np.flatnonzero(np.diff(chunk_docs[:, 0], prepend=-1))
+    assert len(starts) == 41
+    eos, pad = manifest["eos_id"], manifest["pad_id"]
+    for a, b in zip(starts, list(starts[1:]) + [len(chunks)]):
+        tokens = chunks[a:b].reshape(-1)
+        end = np.flatnonzero(tokens == eos)[-1]
+        assert (tokens[end + 1:] == pad).all() and len(tokens) - end - 1 < 16
+    first = {tuple(chunks[a]) for a in starts}
+    assert len(first) == 40  # doc 0 and its copy (doc 40) open with the same chunk
+    assert (chunks[starts[0]] == chunks[starts[40]]).all()
+
+
 def test_idempotent_and_invalidating(dataset, capsys, tmp_path):
     corpus = Path(load_manifest(dataset)["config"]["inputs"][0])
     mtimes = {p: p.stat().st_mtime_ns for p in dataset.rglob("*") if p.is_file() and p.name != "manifest.json"}
