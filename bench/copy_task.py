@@ -5,7 +5,7 @@ second copy's words are predictable only from the first copy, which retrieval fi
 on 2 ranks (torchrun, ZeRO 2, global batch 16, lr 3e-3) and validates every --val-every steps with true
 neighbors, random neighbors and retrieval off; the learning curves and the final ratio true / random are printed.
 
-    python bench/copy_task.py                       # the aligned task, three arms, ~15 min on a 2-core CPU
+    python bench/copy_task.py                       # the aligned task, three arms, ~10 min on a 2-core CPU
     python bench/copy_task.py --task misaligned     # copies at unrelated chunk offsets (needs content matching)
 """
 
@@ -33,7 +33,7 @@ def train_arm(dataset: Path, run_dir: Path, extra: list[str], *, steps: int, val
     from retro_dist.dist import free_port
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), "-m", "retro_dist.cli", "train", f"--data.dataset={dataset}",
-               f"--run_dir={run_dir}", "--model.preset=tiny", "--data.micro_batch=8", "--data.num_workers=0",
+               f"--run_dir={run_dir}", "--model.preset=tiny", "--data.micro_batch=8", "--data.num_workers=0", "--train.precision=fp32",
                "--train.global_batch=16", f"--train.steps={steps}", "--optim.lr=3e-3", "--optim.warmup_steps=30",
                f"--logging.val_every={val_every}", "--logging.val_samples=0", "--logging.every=25",
                f"--checkpoint.every={steps}", *extra]
@@ -56,7 +56,7 @@ def curves(run_dir: Path) -> dict[str, dict[int, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["aligned", "misaligned"], default="aligned")
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--val-every", type=int, default=50)
     parser.add_argument("--arms", nargs="*", default=list(ARMS), help=f"among {list(ARMS)}")
     parser.add_argument("--work", type=Path, default=None, help="working directory (default: a temporary one)")
@@ -66,7 +66,7 @@ def main() -> None:
     from data_prep.corpora import prepare_copy_task
     work = args.work or Path(tempfile.mkdtemp(prefix="copy_task_"))
     dataset = work / "ds" if (work / "ds" / "manifest.json").is_file() else prepare_copy_task(
-        work, aligned=args.task == "aligned")
+        work, aligned=args.task == "aligned", num_docs=3000, seq_len=256, chunks_per_doc=4)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     print(f"copy task ({args.task}), {dataset}; tiny preset, 2 ranks, {args.steps} steps; CPU: {cpu}\n")

@@ -37,6 +37,27 @@ def stdlib_docstrings(limit: int | None = None, *, min_chars: int = 200) -> list
     return list(docs)
 
 
+def stdlib_sources(packages: tuple[str, ...] | None = None) -> list[str]:
+    """The source files of Python's standard library (tests left out), in a stable order; `packages` keeps only
+    the files under those top-level packages. Code repeats across files (licence headers, shared idioms, families of
+    generated modules such as the `encodings` codecs), which is what retrieval can copy."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if parts[0].startswith("test") or "site-packages" in path.parts or "tests" in parts:
+            continue
+        if packages is not None and parts[0] not in packages:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text.strip():
+            docs.append(text)
+    return docs
+
+
 def _words(count: int) -> list[str]:
     """The first `count` distinct lowercase words of the stdlib docstrings: a fixed vocabulary of real words."""
     words: dict[str, None] = {}
@@ -89,12 +110,13 @@ def copy_task_tokenizer(path: Path, *, vocab_words: int = 1119) -> Path:
 
 
 def prepare_copy_task(out: Path, *, aligned: bool, num_docs: int = 1200, seq_len: int = 256,
-                      chunk_size: int = 64, num_neighbors: int = 2) -> Path:
-    """A copy-task dataset in out/ds (hash-256 embedder, exact index): aligned with the word-level tokenizer, or
+                      chunk_size: int = 64, chunks_per_doc: int = 4, num_neighbors: int = 2) -> Path:
+    """A copy-task dataset in out/ds (hash-256 embedder, exact index): aligned with the word-level tokenizer and
+    documents of exactly `chunks_per_doc` chunks (every chunk but the last one's successor is copyable), or
     misaligned with a byte-level BPE of 2048 tokens trained on it. Returns the dataset directory."""
     from data_prep.pipeline import main as prepare
 
-    words = 2 * chunk_size - 2 if aligned else 60
+    words = chunks_per_doc * chunk_size - 2 if aligned else 60
     text = write_corpus(out / "text", copy_task_docs(num_docs, words_per_doc=words, aligned=aligned))
     tokenizer = (["--tokenizer", str(copy_task_tokenizer(out / "tokenizer.json"))] if aligned
                  else ["--vocab-size", "2048"])

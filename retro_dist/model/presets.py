@@ -7,17 +7,24 @@ from typing import Any
 
 from .config import RetroConfig
 
+# No preset gives the retrieval encoder cross-attention to the decoder's chunk (RETRO-pytorch's default puts it in
+# every encoder block): it hands the chunked cross-attention the decoder's own chunk back, a path that lowers the
+# loss with any neighbors at all, random ones too, and that the model learns instead of reading its neighbors
+# (measured: README, Retrieval that is read). Set model.arch.enc_cross_attn_layers to have it.
+NO_ENCODER_CROSS_ATTN: tuple[int, ...] = ()
+
 PRESETS: dict[str, dict[str, Any]] = {
     # seconds per step on a 2-core CPU: tests, CI and the demo
-    "tiny": dict(enc_dim=64, enc_depth=1, dec_dim=128, dec_depth=2, dec_cross_attn_layers=(2,), heads=4, dim_head=32),
+    "tiny": dict(enc_dim=64, enc_depth=1, dec_dim=128, dec_depth=2, dec_cross_attn_layers=(2,), heads=4, dim_head=32,
+                 enc_cross_attn_layers=NO_ENCODER_CROSS_ATTN),
     # the benchmark reference of issue 2 (~50M parameters with a 32k vocabulary)
     "reference": dict(enc_dim=256, enc_depth=2, dec_dim=512, dec_depth=6, dec_cross_attn_layers=(3, 6), heads=8,
-                      dim_head=64),
+                      dim_head=64, enc_cross_attn_layers=NO_ENCODER_CROSS_ATTN),
     # cluster sizes, RETRO paper-like layouts: cross-attention every 3rd block from the 6th on
     "150m": dict(enc_dim=512, enc_depth=2, dec_dim=768, dec_depth=12, dec_cross_attn_layers=(6, 9, 12), heads=12,
-                 dim_head=64),
+                 dim_head=64, enc_cross_attn_layers=NO_ENCODER_CROSS_ATTN),
     "1b": dict(enc_dim=768, enc_depth=2, dec_dim=2048, dec_depth=20, dec_cross_attn_layers=(6, 9, 12, 15, 18),
-               heads=16, dim_head=128),
+               heads=16, dim_head=128, enc_cross_attn_layers=NO_ENCODER_CROSS_ATTN),
 }
 
 
