@@ -13,7 +13,8 @@ def _convert(args: argparse.Namespace) -> None:
     import torch
 
     from retro_dist import RETRO
-    from retro_dist.convert import config_from_retro_pytorch, from_retro_pytorch, infer_config, to_retro_pytorch
+    from retro_dist.convert import (config_from_retro_pytorch, from_retro_pytorch, infer_config,
+                                    retro_pytorch_kwargs, to_retro_pytorch)
 
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():
@@ -45,7 +46,7 @@ def _convert(args: argparse.Namespace) -> None:
         torch.save(state, tmp)
         os.replace(tmp, dst)
         kwargs_path = dst.with_name(dst.name + ".kwargs.json")
-        kwargs_path.write_text(model.config.to_json() + "\n")
+        kwargs_path.write_text(json.dumps(retro_pytorch_kwargs(model.config), indent=2, sort_keys=True) + "\n")
         print(f"wrote {dst}; build the model with retro_pytorch.RETRO(**json.load(open('{kwargs_path}')))")
 
 

@@ -76,6 +76,10 @@ def to_retro_pytorch(state: dict[str, Tensor], config: RetroConfig) -> dict[str,
     if config.heads != RP_HEADS:
         raise ValueError(f"RETRO-pytorch always runs {RP_HEADS} heads; a model with heads={config.heads} "
                          f"cannot be expressed there")
+    if config.cca_positions != "retro-pytorch":
+        raise ValueError(f"the model uses cca_positions={config.cca_positions!r}; RETRO-pytorch always runs its own "
+                         f"shifted positions, so its logits would differ: only models with "
+                         f"cca_positions='retro-pytorch' convert to it")
     norms = {ours: theirs for theirs, ours in _norm_names(config).items()}
     out: dict[str, Tensor] = {}
     for key, value in state.items():
@@ -104,6 +108,13 @@ def to_retro_pytorch(state: dict[str, Tensor], config: RetroConfig) -> dict[str,
     for stack in ("encoder", "decoder"):
         out[f"{stack}.rotary_pos_emb.inv_freq"] = _ROTARY_INV_FREQ.clone()
     return out
+
+
+def retro_pytorch_kwargs(config: RetroConfig) -> dict[str, Any]:
+    """The `retro_pytorch.RETRO(**kwargs)` that builds the same model (cca_positions is ours alone)."""
+    kwargs = config.to_dict()
+    del kwargs["cca_positions"]
+    return kwargs
 
 
 def config_from_retro_pytorch(kwargs: dict[str, Any]) -> RetroConfig:

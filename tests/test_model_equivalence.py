@@ -117,9 +117,17 @@ def test_gradients_match(retro_pytorch):
 
 def test_heads_is_honoured():
     """RETRO-pytorch always runs 8 heads whatever `heads` says; ours builds what the config asks for."""
-    model = RETRO(RetroConfig(**{**BASE, "heads": 4}))
+    model = RETRO(RetroConfig(**{**BASE, "heads": 4, "cca_positions": "retro-pytorch"}))
     assert model.decoder.blocks[0].self_attn.fn.to_qkv.weight.shape[0] == 3 * 4 * 32
     with pytest.raises(ValueError, match="8 heads"):
+        to_retro_pytorch(model.state_dict(), model.config)
+
+
+def test_aligned_positions_do_not_convert_to_retro_pytorch():
+    """RETRO-pytorch cannot run aligned positions: converting such a model would silently change its logits."""
+    model = RETRO(RetroConfig(**{**BASE, "heads": 8}))
+    assert model.config.cca_positions == "aligned"
+    with pytest.raises(ValueError, match="cca_positions='aligned'"):
         to_retro_pytorch(model.state_dict(), model.config)
 
 
