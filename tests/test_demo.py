@@ -1,6 +1,6 @@
 """The README's first command, shortened: every stage of `python -m retro_dist.demo` runs for real (stdlib source
 corpus, data_prep, faiss, 2 ranks under the deepspeed launcher, export, eval, generation, the PNG), with 6 training steps.
-Its exit status must agree with the gain it printed (3 below the 10% target). Re-running it resumes."""
+It must exit 0 and say so when the gain it printed is below the 10% target. Re-running it resumes."""
 
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ def _demo(out: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _check_exit_status(result: subprocess.CompletedProcess) -> None:
+    """Every step ran: exit 0, and a gain below the 10% target is said in one line, never hidden."""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     found = re.search(r"headline: true neighbors lower validation perplexity by (-?[0-9.]+)% against random",
                       result.stdout)
-    assert found, result.stdout[-3000:] + result.stderr[-3000:]
-    if float(found.group(1)) >= 10:
-        assert result.returncode == 0, result.stderr[-3000:]
-    else:
-        assert result.returncode == 3 and "less than the 10%" in result.stderr, result.stderr[-3000:]
+    assert found, result.stdout[-3000:]
+    below = "below the 10% target" in result.stdout
+    assert below == (float(found.group(1)) < 10), result.stdout[-3000:]
 
 
 def test_demo_end_to_end_then_resume(tmp_path):
