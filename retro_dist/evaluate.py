@@ -70,7 +70,8 @@ class Evaluator:
     (rank r takes samples r, r + W, ...), so the figures do not depend on the world size or the batch size."""
 
     def __init__(self, dataset: str, split: str = "val", *, batch_size: int = 4, max_samples: int = 0,
-                 num_neighbors: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 num_neighbors: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 on_bad_sample: str = "error"):
         self.layout, self.manifest = Layout(dataset), load_manifest(dataset)
         m = self.manifest
         if not m.get("stages", {}).get("shard", {}).get("done"):
@@ -93,8 +94,8 @@ class Evaluator:
             if seen >= self.num_samples:
                 break
             for sample in read_shard(str(self.layout.shards / shard["name"]), expected_samples=shard["samples"],
-                                     sha256=shard.get("sha256"), spec=spec, policy="error"):
-                if seen < self.num_samples and seen % world_size == rank:
+                                     sha256=shard.get("sha256"), spec=spec, policy=on_bad_sample):
+                if sample is not None and seen < self.num_samples and seen % world_size == rank:
                     mine.append(sample)
                 seen += 1
         self.samples = mine

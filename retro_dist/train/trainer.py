@@ -174,7 +174,8 @@ class Trainer:
             d = self.run.data
             self.evaluator = Evaluator(d.dataset, "val", batch_size=d.micro_batch,
                                        max_samples=self.run.logging.val_samples, num_neighbors=d.num_neighbors,
-                                       seed=self.run.train.seed, rank=self.rank, world_size=self.world)
+                                       seed=self.run.train.seed, rank=self.rank, world_size=self.world,
+                                       on_bad_sample=d.on_bad_sample)
         self.engine.eval()
         try:
             r = self.evaluator.run(self.engine, device=self.device, all_reduce=dist.all_reduce)
