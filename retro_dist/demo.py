@@ -1,4 +1,4 @@
-"""The whole system on real text, in one command (`make demo`; about 12 minutes on a 2-core CPU):
+"""The whole system on real text, in one command (`make demo`; about 15 minutes on a 2-core CPU):
 
   1. data_prep on source code of Python's own standard library (three packages, 2.3 MB), whose files repeat each
      other (the `encodings` codecs are a family of generated modules), with documents aligned to chunks;
