@@ -83,9 +83,10 @@ def test_token_weighted_over_every_sample(dataset):
     samples = sum(s["samples"] for s in manifest["shards"]["val"])
     # the plain per-sample mean loss, weighted by each sample's label count, over every val sample
     losses, weights = [], []
-    for batch in Evaluator(str(dataset), batch_size=1).batches():
+    one_by_one = Evaluator(str(dataset), batch_size=1)
+    for batch in one_by_one.batches():
         tokens = torch.from_numpy(batch.tokens)
-        retrieved = Evaluator(str(dataset), batch_size=1).retrieved(batch, "true")
+        retrieved = one_by_one.retrieved(batch, "true")
         with torch.no_grad():
             losses.append(model(tokens, retrieved, return_loss=True).item())
         weights.append(int((tokens[:, 1:] != manifest["pad_id"]).sum()))
