@@ -14,7 +14,13 @@ class PrepareConfig:
     """Text files, directories of them (.txt .md .rst .text .jsonl, recursively) and JSON-lines files with a `text`
     field (one document per line); any other file given by name is read as one text document."""
     tokenizer: str | None = None
-    """A Hugging Face tokenizer.json to use; None trains a byte-level BPE on the train split."""
+    """A Hugging Face tokenizer.json to use; None trains a byte-level BPE on a sample of the train split."""
+    tokenizer_sample_mb: int = 256
+    """Megabytes of train text (the first ones, in input order) the BPE tokenizer is trained on: enough for a 32k
+    vocabulary, and bounded whatever the corpus size."""
+    tokenize_block_mb: int = 64
+    """Megabytes of input text per tokenize work block: the unit dealt to ranks and of resume after a kill (plain
+    JSON-lines files are cut at line starts; compressed files are one block each). Bounds tokenize's memory."""
     vocab_size: int = 32000
     """Vocabulary size of the trained tokenizer (ignored with --tokenizer)."""
     chunk_size: int = 64
@@ -34,7 +40,13 @@ class PrepareConfig:
     embed_batch: int = 64
     """Chunks per embedder call."""
     index_factory: str = "auto"
-    """faiss factory string, or `auto`: exact (Flat) below 200k chunks, HNSW/IVF above."""
+    """faiss factory string, or `auto`: exact (Flat) for small databases, IVF above, compressed (IVF-PQ, candidates
+    re-ranked exactly from the stored embeddings) where full vectors would exceed --index-memory-mb."""
+    index_memory_mb: int = 2048
+    """Most memory the index may take, per process that loads it: `auto` compresses it above this."""
+    index_recall: float = 0.9
+    """recall@10 against exact search that the index's search parameters (nprobe, efSearch) are tuned to reach at
+    build time, on a sample of the dataset's own queries; the measured recall is recorded in the manifest."""
     block_size: int = 8192
     """Chunks per work block in embed/neighbors: the unit of MPI parallelism and of resume after a kill."""
     shard_samples: int = 1000
@@ -55,7 +67,9 @@ class PrepareConfig:
             raise ValueError(f"doc_align={self.doc_align!r} must be 'none' or 'chunk'")
         if self.on_bad_utf8 not in ("skip", "error"):
             raise ValueError(f"on_bad_utf8={self.on_bad_utf8!r} must be 'skip' or 'error'")
-        for name in ("vocab_size", "embed_batch", "block_size", "shard_samples", "shard_bytes"):
+        if not 0.0 < self.index_recall <= 1.0:
+            raise ValueError(f"index_recall={self.index_recall} must lie in (0, 1]")
+        for name in ("vocab_size", "tokenizer_sample_mb", "tokenize_block_mb", "index_memory_mb", "embed_batch", "block_size", "shard_samples", "shard_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
 

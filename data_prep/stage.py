@@ -15,9 +15,9 @@ from .parallel import World
 # which options each stage's output depends on: changing another option does not redo it
 STAGE_OPTIONS = {
     "tokenize": ("inputs", "tokenizer", "vocab_size", "chunk_size", "seq_len", "val_fraction", "on_bad_utf8",
-                 "doc_align"),
+                 "doc_align", "tokenizer_sample_mb"),
     "embed": ("embedder",),
-    "index": ("index_factory",),
+    "index": ("index_factory", "index_memory_mb", "index_recall"),
     "neighbors": ("num_neighbors",),
     "shard": ("shard_samples", "shard_bytes"),
 }
@@ -46,8 +46,9 @@ def stage_fingerprint(stage: str, config: PrepareConfig, manifest: dict[str, Any
     prev = upstream(stage)
     prev_fp = manifest["stages"][prev]["fingerprint"] if prev else None
     options = {k: getattr(config, k) for k in STAGE_OPTIONS[stage]}
-    if options.get("doc_align") == "none":
-        del options["doc_align"]  # the behaviour before the option existed: datasets prepared then stay up to date
+    for name, old in (("doc_align", "none"), ("tokenizer_sample_mb", 256)):
+        if options.get(name) == old:
+            del options[name]  # the behaviour before the option existed: datasets prepared then stay up to date
     return fingerprint(stage, options, prev_fp, extra)
 
 
