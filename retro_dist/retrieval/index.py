@@ -196,7 +196,7 @@ def _knn(index: faiss.Index, x: np.ndarray, k: int, sel: faiss.IDSelector | None
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, *, exclude: np.ndarray | None = None,
-           batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+           vectors: np.ndarray | None = None, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores float32 [q, k], ids int64 [q, k]) best first; ids in exclude[i] = [lo, hi) never come back.
 
     Each batch searches k + 16 + extra candidates, extra = min(widest excluded range in the batch, 1024), and keeps
@@ -208,7 +208,8 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, *, exclude: np.ndarr
     by pair (faiss's batched BLAS rounds a row by its position in the batch), IVF does so for its centroids, and
     HNSW, whose beam widens with the candidate count, takes extra per query (its range width rounded up to a power
     of two) and searches each value apart. Only a pre-transform (PCA, OPQ) keeps its batched rounding.
-    Ids are assumed to be row numbers 0..ntotal-1, as build_index assigns them.
+    Ids are assumed to be row numbers 0..ntotal-1, as build_index assigns them. `vectors` (the stored db
+    embeddings [ntotal, d], a memmap is fine) lets a compressed index re-score its candidates exactly.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
