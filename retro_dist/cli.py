@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ def _convert(args: argparse.Namespace) -> None:
     import torch
 
     from retro_dist import RETRO
+    from retro_dist.atomic import atomic_path, write_text_atomic
     from retro_dist.convert import (config_from_retro_pytorch, from_retro_pytorch, infer_config,
                                     retro_pytorch_kwargs, to_retro_pytorch)
 
@@ -41,12 +41,10 @@ def _convert(args: argparse.Namespace) -> None:
     else:
         model = RETRO.from_pretrained(src)
         state = to_retro_pytorch(model.state_dict(), model.config)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            torch.save(state, tmp)
         kwargs_path = dst.with_name(dst.name + ".kwargs.json")
-        kwargs_path.write_text(json.dumps(retro_pytorch_kwargs(model.config), indent=2, sort_keys=True) + "\n")
+        write_text_atomic(kwargs_path, json.dumps(retro_pytorch_kwargs(model.config), indent=2, sort_keys=True) + "\n")
         print(f"wrote {dst}; build the model with retro_pytorch.RETRO(**json.load(open('{kwargs_path}')))")
 
 

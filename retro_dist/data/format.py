@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from retro_dist.atomic import atomic_path  # re-exported: the dataset writers and their callers use it
 
 FORMAT_NAME = "retro_dist.dataset"
 FORMAT_VERSION = 1
@@ -126,26 +127,6 @@ def file_sha256(path: str | Path, *, block: int = 1 << 20) -> str:
         while data := f.read(block):
             digest.update(data)
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync and rename it into place, on failure remove it.
-
-    A reader therefore sees the old file or the whole new one, never a half-written file (a crash leaves only a
-    hidden `.name.tmp-PID` file, which no stage reads).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 class NpyAppender:

@@ -9,7 +9,6 @@ the engine's (step, loader state, run config, dataset fingerprint) travels in De
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+
+from retro_dist.atomic import write_text_atomic
 
 from .safe_load import safe_torch_load
 
@@ -61,8 +62,8 @@ class Checkpointer:
         if self.rank == 0:
             meta = {"step": step, "world_size": dist.get_world_size(),
                     "zero_stage": self.engine.zero_optimization_stage()}
-            _atomic_text(self.dir / tag / META, json.dumps(meta) + "\n")
-            _atomic_text(self.dir / "latest", tag)
+            write_text_atomic(self.dir / tag / META, json.dumps(meta) + "\n")
+            write_text_atomic(self.dir / "latest", tag)
             self._prune(keep_tag=tag)
         dist.barrier()
         return tag
@@ -106,12 +107,3 @@ def convert_to_universal(checkpoints: Path, tag: str, *, zero_stage: int) -> Non
         tail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no output"
         raise ValueError(f"could not convert {checkpoints / tag} to a universal checkpoint ({tail})")
     shutil.copy(checkpoints / tag / META, out / META)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
