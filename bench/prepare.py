@@ -33,7 +33,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         docs = stdlib_docstrings(args.limit)
         corpus = write_corpus(Path(tmp) / "corpus", docs)
-        cmd = [sys.executable, "-m", "data_prep.pipeline", "--input", str(corpus), "--out", f"{tmp}/ds",
+        cmd = [sys.executable, "-m", "data_prep", "--input", str(corpus), "--out", f"{tmp}/ds",
                "--embedder", args.embedder, "--vocab-size", "8000"]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         if args.ranks > 1:

@@ -18,7 +18,7 @@ class PrepareConfig:
     tokenizer_sample_mb: int = 256
     """Megabytes of train text (the first ones, in input order) the BPE tokenizer is trained on: enough for a 32k
     vocabulary, and bounded whatever the corpus size."""
-    tokenize_block_mb: int = 64
+    tokenize_block_mb: float = 64.0
     """Megabytes of input text per tokenize work block: the unit dealt to ranks and of resume after a kill (plain
     JSON-lines files are cut at line starts; compressed files are one block each). Bounds tokenize's memory."""
     vocab_size: int = 32000
@@ -69,7 +69,9 @@ class PrepareConfig:
             raise ValueError(f"on_bad_utf8={self.on_bad_utf8!r} must be 'skip' or 'error'")
         if not 0.0 < self.index_recall <= 1.0:
             raise ValueError(f"index_recall={self.index_recall} must lie in (0, 1]")
-        for name in ("vocab_size", "tokenizer_sample_mb", "tokenize_block_mb", "index_memory_mb", "embed_batch", "block_size", "shard_samples", "shard_bytes"):
+        if not self.tokenize_block_mb > 0:
+            raise ValueError(f"tokenize_block_mb={self.tokenize_block_mb} must be positive")
+        for name in ("vocab_size", "tokenizer_sample_mb", "index_memory_mb", "embed_batch", "block_size", "shard_samples", "shard_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
 

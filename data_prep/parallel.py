@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -62,6 +62,26 @@ class World:
         self.barrier()
         messages: list[Any] = self.comm.allgather(message)
         return next((m for m in messages if m), None)
+
+    def check(self, error: BaseException | None) -> None:
+        """A collective step: when any rank hit an error, every rank raises (its own error, or the first one's
+        message), so that no rank waits at a later collective for one that has left."""
+        first = self.gather_errors(error)
+        if error is not None:
+            raise error
+        if first is not None:
+            raise RuntimeError(first)
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """fn() on rank 0, its result broadcast to every rank; an error there is raised on every rank."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 - re-raised by check
+                error = e
+        self.check(error)
+        return self.bcast(result)
 
     def my_blocks(self, num_blocks: int) -> range:
         """Blocks this rank computes: round-robin, so a partial rerun spreads the remaining blocks evenly."""

@@ -1,8 +1,8 @@
-"""`retro-dist prepare` / `python -m data_prep.STAGE`: run the staged pipeline, or one stage, on a dataset directory.
+"""`retro-dist prepare` / `python -m data_prep`: run the staged pipeline, or some of its stages, on a dataset directory.
 
     retro-dist prepare --input corpus/ --out data/mycorpus               # all stages, sensible defaults
     retro-dist prepare --stage embed --out data/mycorpus --embedder hash-256
-    mpirun -n 4 retro-dist prepare --input corpus/ --out data/mycorpus   # embed + neighbors split across ranks
+    mpirun -n 4 retro-dist prepare --input corpus/ --out data/mycorpus   # every stage split across 4 ranks
 
 Every stage skips itself when its inputs and options are unchanged, and redoes itself (and invalidates the stages
 after it) when they changed. Options not given keep the values the dataset was prepared with.
@@ -19,27 +19,27 @@ from pathlib import Path
 from retro_dist.data.format import STAGES, DatasetError, file_sha256, load_manifest
 
 from . import config as config_mod
+from . import embed, index, neighbors, shard, tokenize
 from .parallel import World
+from .readers import inputs_fingerprint
 from .stage import run_stage
 
+RUNS = {"tokenize": tokenize.run, "embed": embed.run, "index": index.run, "neighbors": neighbors.run,
+        "shard": shard.run}  # the stages, in order (retro_dist.data.format.STAGES)
+assert tuple(RUNS) == STAGES
 
-def _stage_module(stage: str):
-    import importlib
-    return importlib.import_module(f"data_prep.{stage}")
 
-
-def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m data_prep.{stage}" if stage else "retro-dist prepare",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_prepare_arguments(parser, with_stage=stage is None)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retro-dist prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_prepare_arguments(parser)
     return parser
 
 
-def add_prepare_arguments(parser: argparse.ArgumentParser, *, with_stage: bool = True) -> None:
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the dataset directory (created if missing)")
-    if with_stage:
-        parser.add_argument("--stage", choices=STAGES, action="append",
-                            help="run only this stage (repeatable); default: all, in order")
+    parser.add_argument("--stage", choices=STAGES, action="append",
+                        help="run only this stage (repeatable); default: all, in order")
     parser.add_argument("--force", action="store_true", help="redo the stages even when up to date")
     config_mod.add_arguments(parser)
 
@@ -56,16 +56,17 @@ def run(args: argparse.Namespace, stages: list[str]) -> None:
         if stage == "tokenize":
             if not config.inputs:
                 raise DatasetError("no input: pass --input PATH... (text files, JSON-lines files or directories)")
-            from .tokenize import inputs_fingerprint
             extra = (inputs_fingerprint(config.inputs), file_sha256(config.tokenizer) if config.tokenizer
                      and Path(config.tokenizer).is_file() else None)
-        run_stage(stage, root, config, world, _stage_module(stage).run, extra_fingerprint=extra, force=args.force)
+        run_stage(stage, root, config, world, RUNS[stage], extra_fingerprint=extra, force=args.force)
 
 
 def _set_threads(world: World) -> None:
-    """Ranks on one node share its cores: one torch/faiss thread pool per rank, sized to its share."""
+    """Ranks on one node share its cores: one torch/faiss/tokenizers thread pool per rank, sized to its share."""
     local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", world.size)))
     threads = max(1, (os.cpu_count() or 1) // max(1, local))
+    for name in ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS"):  # the tokenizers library's pool, read when first used
+        os.environ.setdefault(name, str(threads))
     try:
         import torch
         torch.set_num_threads(threads)
@@ -75,9 +76,9 @@ def _set_threads(world: World) -> None:
     faiss.omp_set_num_threads(threads)
 
 
-def main(argv: list[str] | None = None, *, stage: str | None = None) -> int:
-    args = build_parser(stage).parse_args(argv)
-    return run_cli(args, [stage] if stage else (args.stage or list(STAGES)))
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(args, args.stage or list(STAGES))
 
 
 def run_cli(args: argparse.Namespace, stages: list[str]) -> int:

@@ -1,75 +1,44 @@
-"""Stage 1, tokenize: documents -> train/val token streams (documents joined by eos) cut into chunks.
+"""Stage 1, tokenize: documents -> train/val token streams (each document ends with eos) cut into chunks.
 
 Writes tokenizer.json, db/chunks.npy + db/chunk_docs.npy (train: the retrieval database) and val/chunks.npy +
 val/chunk_docs.npy.
+
+Streaming and parallel, with memory bounded by the block size (`--tokenize-block-mb`), not by the corpus:
+1. rank 0 plans the work blocks (data_prep.readers) and, unless `--tokenizer` is given, trains a byte-level BPE on
+   the first `--tokenizer-sample-mb` of train text;
+2. ranks take blocks in turn, tokenize them and write one part per block and split (tokens, document lengths);
+   a part is whole or absent, so a killed run resumes with the blocks it had not finished;
+3. a global pass over the parts' document counts gives every part its token offset and first document id; rank 0
+   allocates the outputs and every rank writes its parts' tokens and chunk document ids at their offsets.
+The result does not depend on the number of ranks, and equals tokenizing all documents in one process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from retro_dist.data.format import DatasetError, Layout, atomic_path, save_npy
+from retro_dist.data.format import DatasetError, Layout, atomic_path, load_npy, save_npy
 
+from .readers import BadUtf8, Block, Piece, plan_blocks, read_block
 from .stage import StageContext
 
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
-JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
 EOS_NAMES = ("<eos>", "</s>", "<|endoftext|>", "<|eos|>", "[SEP]")
-_SURROGATES = re.compile("[\udc80-\udcff]")  # undecodable bytes, as surrogateescape maps them
-
-
-def input_files(inputs: list[str]) -> list[Path]:
-    """Files named directly, and text/JSON-lines files under named directories, in a stable order."""
-    files: list[Path] = []
-    for name in inputs:
-        path = Path(name)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | JSONL_SUFFIXES)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise DatasetError(f"input {name} does not exist")
-    return files
-
-
-def inputs_fingerprint(inputs: list[str]) -> list[tuple[str, int, int]]:
-    """Path, size and mtime of every input file: cheap, and changes when any input does."""
-    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in input_files(inputs)]
-
-
-def read_documents(files: list[Path], *, on_bad_utf8: str, stats: dict[str, int]) -> Iterator[str]:
-    for path in files:
-        data = path.read_bytes()
-        text = data.decode("utf-8", errors="surrogateescape")
-        bad = len(_SURROGATES.findall(text))
-        if bad:
-            if on_bad_utf8 == "error":
-                raise DatasetError(f"{path} is not valid UTF-8 ({bad} undecodable bytes): convert it (iconv -f "
-                                   f"LATIN1 -t UTF-8) or pass --on-bad-utf8 skip to drop those bytes")
-            stats["bad_utf8_bytes"] += bad
-            stats["files_with_bad_utf8"] += 1
-            text = _SURROGATES.sub("", text)
-        if path.suffix in JSONL_SUFFIXES:
-            for number, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise DatasetError(f"{path}:{number}: not a JSON object with a 'text' field") from None
-                if not isinstance(doc, str):
-                    raise DatasetError(f"{path}:{number}: 'text' is {type(doc).__name__}, not a string")
-                yield doc
-        else:
-            yield text
+SPLITS = ("train", "val")
+BATCH_CHARS = 4 << 20  # characters per encode_batch call: the tokenizer's per-token objects stay ~1 GB at most
+PIECE_CHARS = 1 << 20  # longer documents are encoded in pieces of about this many characters
+# a single space or newline between two letters/digits: no byte-level BPE pre-token crosses it, so cutting a
+# document there and encoding the pieces apart gives the same tokens as encoding it whole
+_SAFE_CUT = re.compile(r"(?<=[^\W_])[ \n](?=[^\W_])")
 
 
 def is_val(text: str, fraction: float) -> bool:
@@ -104,88 +73,368 @@ def special_ids(tokenizer, source: str) -> tuple[int, int]:
     return found["pad"], found["eos"]
 
 
-def tokenize_stream(tokenizer, docs: list[str], eos_id: int, *, desc: str, align: int = 1,
-                    pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Documents -> (token stream int32, exclusive end offset of each document int64); each ends with eos, then
-    pad up to a multiple of `align` tokens (1: no padding)."""
-    pieces, lengths = [], []
-    bar = tqdm(total=len(docs), desc=desc, unit="doc", disable=not docs, mininterval=1.0)
-    for start in range(0, len(docs), 1000):
-        for enc in tokenizer.encode_batch(docs[start:start + 1000], add_special_tokens=False):
-            length = len(enc.ids) + 1
-            ids = np.asarray(enc.ids + [eos_id] + [pad_id] * (-length % align), dtype=np.int32)
-            pieces.append(ids)
-            lengths.append(len(ids))
-        bar.update(min(1000, len(docs) - start))
-    bar.close()
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    return stream, np.cumsum(np.asarray(lengths, dtype=np.int64))
+# encoding ---------------------------------------------------------------------------------------------------------
+
+def _pieces(text: str) -> list[str]:
+    """`text` cut at safe places into pieces of about PIECE_CHARS (one piece when shorter)."""
+    pieces, start = [], 0
+    while len(text) - start > PIECE_CHARS:
+        cut = _SAFE_CUT.search(text, start + PIECE_CHARS, start + 2 * PIECE_CHARS)
+        end = cut.start() if cut else start + PIECE_CHARS  # no space between words for 1M characters: cut anyway
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
 
 
-def cut_chunks(stream: np.ndarray, doc_ends: np.ndarray, chunk_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stream -> chunks [c, chunk_size] (last one padded) and the document ids of each chunk's first/last token."""
-    num_chunks = -(-len(stream) // chunk_size)
-    chunks = np.full(num_chunks * chunk_size, pad_id, dtype=np.int32)
-    chunks[: len(stream)] = stream
-    first = np.arange(num_chunks, dtype=np.int64) * chunk_size
-    last = np.minimum(first + chunk_size, len(stream)) - 1
-    docs = np.stack([np.searchsorted(doc_ends, first, side="right"),
-                     np.searchsorted(doc_ends, last, side="right")], axis=1).astype(np.int64)
-    return chunks.reshape(num_chunks, chunk_size), docs
+def encode_documents(tokenizer, docs: Iterable[str], eos_id: int, *, align: int = 1,
+                     pad_id: int = 0) -> Iterator[np.ndarray]:
+    """Each document's token ids int32, then eos, then pad up to a multiple of `align` (1: no padding).
 
+    Documents are encoded in batches of at most BATCH_CHARS characters, long ones in pieces, so memory stays
+    bounded whatever the document sizes.
+    """
+    batch: list[str] = []
+    owners: list[int] = []  # document number of each piece in the batch
+    open_docs: list[list[list[int]]] = []  # the pieces' ids of documents not yet yielded, from document `first` on
+    first = chars = 0
+
+    def encode() -> None:
+        for owner, enc in zip(owners, tokenizer.encode_batch(batch, add_special_tokens=False)):
+            open_docs[owner - first].append(enc.ids)
+        batch.clear()
+        owners.clear()
+
+    for number, doc in enumerate(docs):
+        open_docs.append([])
+        for piece in _pieces(doc):
+            batch.append(piece)
+            owners.append(number)
+            chars += len(piece)
+            if chars >= BATCH_CHARS:
+                encode()
+                chars = 0
+                for pieces in open_docs[:number - first]:  # documents before this one are whole now
+                    yield _finish(pieces, eos_id, align, pad_id)
+                del open_docs[:number - first]
+                first = number
+    encode()
+    for pieces in open_docs:
+        yield _finish(pieces, eos_id, align, pad_id)
+
+
+def _finish(pieces: list[list[int]], eos_id: int, align: int, pad_id: int) -> np.ndarray:
+    ids = [i for piece in pieces for i in piece]
+    length = len(ids) + 1
+    return np.asarray(ids + [eos_id] + [pad_id] * (-length % align), dtype=np.int32)
+
+
+# the stage ----------------------------------------------------------------------------------------------------------
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    c, layout = ctx.config, Layout(ctx.root)
-    if not ctx.world.is_main:
-        return {}
-    stats = {"bad_utf8_bytes": 0, "files_with_bad_utf8": 0, "empty_documents": 0}
-    files = input_files(c.inputs)
-    splits: dict[str, list[str]] = {"train": [], "val": []}
-    for doc in read_documents(files, on_bad_utf8=c.on_bad_utf8, stats=stats):
-        if not doc.strip():
-            stats["empty_documents"] += 1
-            continue
-        splits["val" if is_val(doc, c.val_fraction) else "train"].append(doc)
-    if not splits["train"] and not splits["val"]:
-        raise DatasetError(f"no documents in {' '.join(c.inputs) or '(no --input)'}: give text files (.txt .md .rst), "
-                           f"JSON-lines files with a 'text' field, or directories holding them")
-    if c.val_fraction > 0 and not splits["val"] and len(splits["train"]) > 1:
-        splits["val"].append(splits["train"].pop())  # a tiny corpus still gets a validation document
+    c, world, layout = ctx.config, ctx.world, Layout(ctx.root)
+    parts = ctx.root / f".tokenize.parts-{ctx.fingerprint[:16]}-{c.tokenize_block_mb}mb"
+    def plan() -> tuple[list[Block], dict[str, int]]:
+        parts.mkdir(parents=True, exist_ok=True)
+        return plan_blocks(c.inputs, max(1, int(c.tokenize_block_mb * 2**20)))
 
+    blocks, input_stats = world.on_main(plan)
+    if not blocks:
+        raise _no_documents(c.inputs)
+
+    sample = world.on_main(lambda: _prepare_tokenizer(ctx, blocks, parts / "tokenizer.json"))
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(str(parts / "tokenizer.json"))
+    pad_id, eos_id = special_ids(tokenizer, c.tokenizer or "(trained)")
+
+    mine = [b for b in world.my_blocks(len(blocks)) if not (parts / f"{b:06d}.json").exists()]
+    error = None
+    try:
+        with tqdm(total=sum(_piece_bytes(p) for b in mine for p in blocks[b]), desc="tokenize", unit="B",
+                  unit_scale=True, mininterval=1.0, disable=not world.is_main or not mine) as bar:
+            for b in mine:
+                _tokenize_block(blocks[b], parts, b, tokenizer, eos_id, pad_id, ctx)
+                bar.update(sum(_piece_bytes(p) for p in blocks[b]))
+    except Exception as e:  # noqa: BLE001 - raised on every rank by check
+        error = e
+    world.check(error)
+
+    stats = [json.loads((parts / f"{b:06d}.json").read_text()) for b in range(len(blocks))]
+    segments = _segments(stats, parts, c.val_fraction)
+    counts = {split: _split_counts(segs, c) for split, segs in segments.items()}
+    if not any(counts[s]["documents"] for s in SPLITS):
+        raise _no_documents(c.inputs)
+    if counts["train"]["samples"] == 0:
+        raise DatasetError(f"the train split has {counts['train']['tokens']} tokens, too few for one sample of "
+                           f"seq_len={c.seq_len} (+1 label token): add text or lower --seq-len")
+
+    outputs = {split: (layout.chunks(split), layout.chunk_docs(split)) for split in SPLITS}
+    temps = {split: tuple(p.with_name(f".{p.name}.tmp-{ctx.fingerprint[:16]}") for p in paths)
+             for split, paths in outputs.items()}
+    offsets = world.on_main(lambda: {split: _allocate(temps[split], counts[split]["tokens"], c.chunk_size, pad_id)
+                                     for split in SPLITS})
+    owned, error = set(world.my_blocks(len(blocks))), None
+    try:
+        for split in SPLITS:
+            _write_split(segments[split], owned, parts, temps[split], offsets[split], counts[split]["tokens"],
+                         c.chunk_size)
+    except Exception as e:  # noqa: BLE001 - raised on every rank by check
+        error = e
+    world.check(error)
+
+    def publish() -> None:
+        for split in SPLITS:
+            for tmp, path in zip(temps[split], outputs[split]):
+                os.replace(tmp, path)
+        with atomic_path(layout.tokenizer) as tmp:
+            shutil.copyfile(parts / "tokenizer.json", tmp)
+        for stale in ctx.root.glob(".tokenize.parts-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    world.on_main(publish)
+
+    totals = _merge_stats(stats) | input_stats
+    _warn_single_document(ctx, stats, counts["train"])
+    ctx.facts.update(tokenizer="tokenizer.json", vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+                     pad_id=pad_id, eos_id=eos_id, chunk_size=c.chunk_size, seq_len=c.seq_len, doc_align=c.doc_align,
+                     counts=counts, input_stats=totals, tokenizer_sample=sample)
+    return {"documents": sum(v["documents"] for v in counts.values()), "train_tokens": counts["train"]["tokens"],
+            "val_tokens": counts["val"]["tokens"], "db_chunks": counts["train"]["chunks"], "blocks": len(blocks),
+            "blocks_computed": len(mine), **totals}
+
+
+def _no_documents(inputs: list[str]) -> DatasetError:
+    return DatasetError(f"no documents in {' '.join(inputs) or '(no --input)'}: give text files (.txt .md .rst, or "
+                        f"any text file inside a directory), JSON-lines files with a 'text' field (.jsonl, also "
+                        f".jsonl.gz / .jsonl.zst), or directories holding them")
+
+
+def _piece_bytes(piece: Piece) -> int:
+    end = piece.end if piece.end is not None else Path(piece.path).stat().st_size
+    return end - piece.start
+
+
+def _documents(blocks: Iterable[Block], bad: BadUtf8, stats: dict[str, int]) -> Iterator[str]:
+    """The non-empty documents of `blocks` in order; empty ones are counted in stats["empty_documents"]."""
+    for block in blocks:
+        for doc in read_block(block, bad):
+            if doc.strip():
+                yield doc
+            else:
+                stats["empty_documents"] += 1
+
+
+def _prepare_tokenizer(ctx: StageContext, blocks: list[Block], path: Path) -> dict[str, int] | None:
+    """Rank 0: the given tokenizer, or a BPE trained on the first --tokenizer-sample-mb of train text, at `path`.
+    Returns the size of the sample it was trained on (None for a given tokenizer)."""
+    c = ctx.config
+    record = path.with_name("tokenizer_sample.json")
+    sample_size = None
     if c.tokenizer:
         from tokenizers import Tokenizer
         if not Path(c.tokenizer).is_file():
             raise DatasetError(f"tokenizer {c.tokenizer} does not exist")
         tokenizer = Tokenizer.from_file(c.tokenizer)
+    elif path.exists() and record.exists():
+        return json.loads(record.read_text())  # trained by a run that was killed later
     else:
-        ctx.log(f"[tokenize] training a byte-level BPE tokenizer (vocab {c.vocab_size}) on "
-                f"{len(splits['train'])} documents")
-        tokenizer = train_tokenizer(splits["train"], c.vocab_size)
-    pad_id, eos_id = special_ids(tokenizer, c.tokenizer or "(trained)")
-    with atomic_path(layout.tokenizer) as tmp:
+        budget, size, sample, any_val = c.tokenizer_sample_mb << 20, 0, [], False
+        docs = _documents(blocks, BadUtf8("skip"), {"empty_documents": 0})
+        for doc in docs:
+            if is_val(doc, c.val_fraction):
+                any_val = True
+                continue
+            if size >= budget:
+                break
+            sample.append(doc)
+            size += len(doc.encode("utf-8", "surrogatepass"))
+        else:  # the whole corpus was read: apply the small-corpus rule of _segments
+            if c.val_fraction > 0 and not any_val and len(sample) > 1:
+                sample.pop()
+        ctx.log(f"[tokenize] training a byte-level BPE tokenizer (vocab {c.vocab_size}) on {len(sample)} documents "
+                f"({size / 2**20:.1f} MB)")
+        tokenizer = train_tokenizer(sample, c.vocab_size)
+        sample_size = {"documents": len(sample), "bytes": size}
+    special_ids(tokenizer, c.tokenizer or "(trained)")
+    with atomic_path(path) as tmp:
         tokenizer.save(str(tmp))
-
-    counts: dict[str, Any] = {}
-    for split, docs in splits.items():
-        align = c.chunk_size if c.doc_align == "chunk" else 1
-        stream, doc_ends = tokenize_stream(tokenizer, docs, eos_id, desc=f"tokenize {split}", align=align,
-                                           pad_id=pad_id)
-        chunks, chunk_docs = cut_chunks(stream, doc_ends, c.chunk_size, pad_id)
-        save_npy(layout.chunks(split), chunks)
-        save_npy(layout.chunk_docs(split), chunk_docs)
-        samples = max(0, (len(stream) - 1) // c.seq_len)
-        counts[split] = {"documents": len(docs), "tokens": int(len(stream)), "chunks": int(len(chunks)),
-                         "samples": samples}
-    if counts["train"]["samples"] == 0:
-        raise DatasetError(f"the train split has {counts['train']['tokens']} tokens, too few for one sample of "
-                           f"seq_len={c.seq_len} (+1 label token): add text or lower --seq-len")
-    ctx.facts.update(tokenizer="tokenizer.json", vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
-                     pad_id=pad_id, eos_id=eos_id, chunk_size=c.chunk_size, seq_len=c.seq_len, doc_align=c.doc_align,
-                     counts=counts, input_stats=stats)
-    return {"documents": sum(v["documents"] for v in counts.values()), "train_tokens": counts["train"]["tokens"],
-            "val_tokens": counts["val"]["tokens"], "db_chunks": counts["train"]["chunks"], **stats}
+    if sample_size is not None:
+        with atomic_path(record) as tmp:
+            tmp.write_text(json.dumps(sample_size))
+    return sample_size
 
 
-if __name__ == "__main__":
-    from data_prep.pipeline import main
-    raise SystemExit(main(stage="tokenize"))
+def _tokenize_block(block: Block, parts: Path, number: int, tokenizer, eos_id: int, pad_id: int,
+                    ctx: StageContext) -> None:
+    """One block -> parts/NNNNNN.{split}.tokens.npy / .lengths.npy, then NNNNNN.json (written last: the done mark)."""
+    c = ctx.config
+    bad = BadUtf8(c.on_bad_utf8)
+    stats = {"empty_documents": 0}
+    labels: list[str] = []
+
+    def labelled() -> Iterator[str]:
+        for doc in _documents([block], bad, stats):
+            labels.append("val" if is_val(doc, c.val_fraction) else "train")
+            yield doc
+
+    pieces: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    align = c.chunk_size if c.doc_align == "chunk" else 1
+    for i, ids in enumerate(encode_documents(tokenizer, labelled(), eos_id, align=align, pad_id=pad_id)):
+        pieces[labels[i]].append(ids)
+    record: dict[str, Any] = {"empty_documents": stats["empty_documents"], "bad_utf8_bytes": bad.bytes,
+                              "files_with_bad_utf8": sorted(bad.files)}
+    for split, arrays in pieces.items():
+        lengths = np.asarray([len(a) for a in arrays], dtype=np.int64)
+        save_npy(parts / f"{number:06d}.{split}.tokens.npy",
+                 np.concatenate(arrays) if arrays else np.zeros(0, np.int32))
+        save_npy(parts / f"{number:06d}.{split}.lengths.npy", lengths)
+        record[split] = {"documents": len(arrays), "tokens": int(lengths.sum()),
+                         "largest_document": int(lengths.max(initial=0))}
+    with atomic_path(parts / f"{number:06d}.json") as tmp:
+        tmp.write_text(json.dumps(record))
+
+
+# assembly -----------------------------------------------------------------------------------------------------------
+
+class Segment:
+    """Documents [lo, hi) of part (block, source split), placed in an output split at token `start`, doc id `base`."""
+
+    def __init__(self, parts: Path, block: int, source: str, lo: int, hi: int):
+        self.parts, self.block, self.source, self.lo, self.hi = parts, block, source, lo, hi
+        self.start = self.base = 0
+        self._ends: np.ndarray | None = None
+
+    def ends(self) -> np.ndarray:
+        """Exclusive end offset of each document, relative to the segment's first token."""
+        if self._ends is None:
+            lengths = load_npy(self.parts / f"{self.block:06d}.{self.source}.lengths.npy", mmap=False)
+            self._ends = np.cumsum(lengths[self.lo:self.hi])
+        return self._ends
+
+    def token_range(self) -> tuple[int, int]:
+        """[first, last) token of this segment inside its part's token array."""
+        lengths = load_npy(self.parts / f"{self.block:06d}.{self.source}.lengths.npy", mmap=False)
+        first = int(lengths[:self.lo].sum())
+        return first, first + int(self.ends()[-1]) if self.hi > self.lo else first
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ends()[-1]) if self.hi > self.lo else 0
+
+
+def _segments(stats: list[dict[str, Any]], parts: Path, val_fraction: float) -> dict[str, list[Segment]]:
+    """Each split's segments in stream order, with token offsets and first document ids.
+
+    A corpus too small to give any validation document by hash gives its last train document to validation.
+    """
+    segments = {split: [Segment(parts, b, split, 0, s[split]["documents"]) for b, s in enumerate(stats)
+                        if s[split]["documents"]] for split in SPLITS}
+    train_docs = sum(s["train"]["documents"] for s in stats)
+    if val_fraction > 0 and not segments["val"] and train_docs > 1:
+        last = segments["train"][-1]
+        segments["val"] = [Segment(parts, last.block, "train", last.hi - 1, last.hi)]
+        last.hi -= 1
+        if last.hi == last.lo:
+            segments["train"].pop()
+    for segs in segments.values():
+        start = base = 0
+        for seg in segs:
+            seg.start, seg.base = start, base
+            start += seg.tokens
+            base += seg.hi - seg.lo
+    return segments
+
+
+def _split_counts(segments: list[Segment], c) -> dict[str, int]:
+    tokens = sum(s.tokens for s in segments)
+    return {"documents": sum(s.hi - s.lo for s in segments), "tokens": tokens,
+            "chunks": -(-tokens // c.chunk_size), "samples": max(0, (tokens - 1) // c.seq_len)}
+
+
+def _npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def _allocate(paths: tuple[Path, Path], tokens: int, chunk_size: int, pad_id: int) -> tuple[int, int]:
+    """Rank 0: create the chunks / chunk_docs .npy files at full size (the last chunk's tail already pad).
+    Returns the byte offset of each one's data."""
+    num_chunks = -(-tokens // chunk_size)
+    offsets = []
+    for path, shape, dtype in ((paths[0], (num_chunks, chunk_size), "int32"), (paths[1], (num_chunks, 2), "int64")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = _npy_header(shape, dtype)
+        with open(path, "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+            if dtype == "int32" and num_chunks * chunk_size > tokens:
+                f.seek(len(header) + 4 * tokens)
+                f.write(np.full(num_chunks * chunk_size - tokens, pad_id, np.int32).tobytes())
+        offsets.append(len(header))
+    return offsets[0], offsets[1]
+
+
+def _write_split(segments: list[Segment], owned: set[int], parts: Path, paths: tuple[Path, Path],
+                 offsets: tuple[int, int], total: int, chunk_size: int) -> None:
+    """Write this rank's segments: their tokens, and the rows of chunk_docs for chunks that start in them.
+
+    chunk_docs[c] = (document of token c * chunk_size, document of token min((c + 1) * chunk_size, total) - 1); a
+    chunk's last token may lie in a later segment, whose document lengths are read from its part.
+    """
+    if not any(seg.block in owned for seg in segments):
+        return
+    starts = np.array([seg.start for seg in segments], dtype=np.int64)
+    fds = [os.open(path, os.O_WRONLY) for path in paths]
+    try:
+        for i, seg in enumerate(segments):
+            if seg.block not in owned:
+                continue
+            first, last = seg.token_range()
+            tokens = load_npy(parts / f"{seg.block:06d}.{seg.source}.tokens.npy")
+            _pwrite_all(fds[0], np.ascontiguousarray(tokens[first:last]), offsets[0] + 4 * seg.start)
+            end = seg.start + seg.tokens
+            rows = np.arange(-(-seg.start // chunk_size), -(-end // chunk_size), dtype=np.int64)
+            if not len(rows):
+                continue
+            docs = np.empty((len(rows), 2), np.int64)
+            docs[:, 0] = seg.base + np.searchsorted(seg.ends(), rows * chunk_size - seg.start, side="right")
+            lasts = np.minimum((rows + 1) * chunk_size, total) - 1
+            owner = np.searchsorted(starts, lasts, side="right") - 1  # the segment holding each chunk's last token
+            for j in np.unique(owner):
+                other, where = segments[j], owner == j
+                docs[where, 1] = other.base + np.searchsorted(other.ends(), lasts[where] - other.start, side="right")
+            _pwrite_all(fds[1], docs, offsets[1] + 16 * int(rows[0]))
+        for fd in fds:
+            os.fsync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, array: np.ndarray, offset: int) -> None:
+    view = memoryview(np.ascontiguousarray(array)).cast("B")
+    while len(view):
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _merge_stats(stats: list[dict[str, Any]]) -> dict[str, int]:
+    files = set()
+    for s in stats:
+        files.update(s["files_with_bad_utf8"])
+    return {"bad_utf8_bytes": sum(s["bad_utf8_bytes"] for s in stats), "files_with_bad_utf8": len(files),
+            "empty_documents": sum(s["empty_documents"] for s in stats)}
+
+
+def _warn_single_document(ctx: StageContext, stats: list[dict[str, Any]], train: dict[str, int]) -> None:
+    """Retrieval never returns a sample's own documents: a corpus that is mostly one document gets no neighbors."""
+    largest = max(s["train"]["largest_document"] for s in stats)
+    if train["tokens"] and largest >= train["tokens"] / 2:
+        ctx.log(f"[tokenize] warning: one document holds {largest / train['tokens']:.0%} of the train split's "
+                f"{train['tokens']} tokens ({train['documents']} documents): retrieval excludes a sample's own "
+                f"documents, so its chunks will find few or no neighbors; give one document per file or per "
+                f"JSON-lines line")

@@ -19,7 +19,7 @@ OPTS = ["--vocab-size", "400", "--chunk-size", "16", "--seq-len", "64", "--embed
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_prep.pipeline", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "data_prep", *map(str, args)], capture_output=True,
                           text=True, timeout=300, cwd=cwd)
 
 

@@ -25,7 +25,7 @@ def test_two_ranks_equal_one(tmp_path):
     assert prepare(["--input", str(corpus), "--out", str(tmp_path / "single"), *OPTS]) == 0
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
-    result = subprocess.run([MPIRUN, "-np", "2", sys.executable, "-m", "data_prep.pipeline", "--input", str(corpus),
+    result = subprocess.run([MPIRUN, "-np", "2", sys.executable, "-m", "data_prep", "--input", str(corpus),
                              "--out", str(tmp_path / "mpi"), *OPTS], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
