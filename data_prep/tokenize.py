@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -133,6 +134,7 @@ def _finish(pieces: list[list[int]], eos_id: int, align: int, pad_id: int) -> np
 
 def run(ctx: StageContext) -> dict[str, Any]:
     c, world, layout = ctx.config, ctx.world, Layout(ctx.root)
+    started = time.perf_counter()
     parts = ctx.root / f".tokenize.parts-{ctx.fingerprint[:16]}-{c.tokenize_block_mb}mb"
     def plan() -> tuple[list[Block], dict[str, int]]:
         parts.mkdir(parents=True, exist_ok=True)
@@ -200,7 +202,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
                      counts=counts, input_stats=totals, tokenizer_sample=sample)
     return {"documents": sum(v["documents"] for v in counts.values()), "train_tokens": counts["train"]["tokens"],
             "val_tokens": counts["val"]["tokens"], "db_chunks": counts["train"]["chunks"], "blocks": len(blocks),
-            "blocks_computed": len(mine), **totals}
+            "blocks_computed": len(mine),
+            "tokens_per_s": round((counts["train"]["tokens"] + counts["val"]["tokens"]) / (time.perf_counter() - started)),
+            **totals}
 
 
 def _no_documents(inputs: list[str]) -> DatasetError:
