@@ -250,8 +250,11 @@ def _prepare_tokenizer(ctx: StageContext, blocks: list[Block], path: Path) -> di
                 continue
             if size >= budget:
                 break
+            data = doc.encode("utf-8", "surrogatepass")
+            if size + len(data) > budget:  # a document larger than what is left of the budget: its start only
+                doc = data[:budget - size].decode("utf-8", "ignore")
             sample.append(doc)
-            size += len(doc.encode("utf-8", "surrogatepass"))
+            size += min(len(data), budget - size)
         else:  # the whole corpus was read: apply the small-corpus rule of _segments
             if c.val_fraction > 0 and not any_val and len(sample) > 1:
                 sample.pop()
