@@ -97,12 +97,12 @@ def encode_documents(tokenizer, docs: Iterable[str], eos_id: int, *, align: int 
     """
     batch: list[str] = []
     owners: list[int] = []  # document number of each piece in the batch
-    open_docs: list[list[list[int]]] = []  # the pieces' ids of documents not yet yielded, from document `first` on
+    open_docs: list[list[np.ndarray]] = []  # the pieces' ids of documents not yet yielded, from document `first` on
     first = chars = 0
 
     def encode() -> None:
         for owner, enc in zip(owners, tokenizer.encode_batch(batch, add_special_tokens=False)):
-            open_docs[owner - first].append(enc.ids)
+            open_docs[owner - first].append(np.asarray(enc.ids, dtype=np.int32))
         batch.clear()
         owners.clear()
 
@@ -124,10 +124,10 @@ def encode_documents(tokenizer, docs: Iterable[str], eos_id: int, *, align: int 
         yield _finish(pieces, eos_id, align, pad_id)
 
 
-def _finish(pieces: list[list[int]], eos_id: int, align: int, pad_id: int) -> np.ndarray:
-    ids = [i for piece in pieces for i in piece]
-    length = len(ids) + 1
-    return np.asarray(ids + [eos_id] + [pad_id] * (-length % align), dtype=np.int32)
+def _finish(pieces: list[np.ndarray], eos_id: int, align: int, pad_id: int) -> np.ndarray:
+    length = sum(len(p) for p in pieces) + 1
+    tail = np.asarray([eos_id] + [pad_id] * (-length % align), dtype=np.int32)
+    return np.concatenate([*pieces, tail])
 
 
 # the stage ----------------------------------------------------------------------------------------------------------
