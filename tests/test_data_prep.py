@@ -110,17 +110,36 @@ def test_no_leakage(dataset):
     assert (neighbors >= 0).mean() > 0.99
 
 
-def test_exclusion_ranges_equal_brute_force():
+class _RowReads:
+    """chunk_docs that records how many rows each read gathers: the per-block ranges must never read a column."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.largest = array, 0
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, rows):
+        assert isinstance(rows, np.ndarray) and rows.ndim == 1, "rows are gathered by index, never sliced"
+        self.largest = max(self.largest, len(rows))
+        return self.array[rows]
+
+
+@pytest.mark.parametrize("giant", [False, True])
+def test_exclusion_ranges_equal_brute_force(giant):
+    """Per block of rows (blocks that start and end mid-sample too), the ranges equal the banned set by brute force."""
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 60, size=80)  # document lengths in tokens, some shorter than a chunk
+    if giant:
+        lengths[30] = 700  # one document spanning many blocks and samples
     ends = np.cumsum(lengths)
     cs, k = 8, 4
     first = np.arange(0, ends[-1], cs)
     last = np.minimum(first + cs, ends[-1]) - 1
     docs = np.stack([np.searchsorted(ends, first, "right"), np.searchsorted(ends, last, "right")], 1)
     num_samples = (ends[-1] - 1) // (cs * k)
-    ranges = exclusion_ranges(docs, chunks_per_sample=k, num_samples=num_samples)
     n = len(docs)
+    banned_by_brute_force = []
     for c in range(n):
         s = c // k
         if s < num_samples:
@@ -128,8 +147,17 @@ def test_exclusion_ranges_equal_brute_force():
             sample_docs = set(np.searchsorted(ends, tokens, "right"))
         else:
             sample_docs = set(range(docs[c, 0], docs[c, 1] + 1))
-        banned = {j for j in range(n) if set(range(docs[j, 0], docs[min(j + 1, n - 1), 1] + 1)) & sample_docs}
-        assert banned == set(range(*ranges[c])), c
+        banned_by_brute_force.append(
+            {j for j in range(n) if set(range(docs[j, 0], docs[min(j + 1, n - 1), 1] + 1)) & sample_docs})
+    for block in (1, 3, 4, 10, 64, n):
+        reads = _RowReads(docs)
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            ranges = exclusion_ranges(reads, lo, hi, chunks_per_sample=k, num_samples=num_samples)
+            assert ranges.shape == (hi - lo, 2) and ranges.dtype == np.int64
+            for c in range(lo, hi):
+                assert banned_by_brute_force[c] == set(range(*ranges[c - lo])), (block, c)
+        assert reads.largest <= block, "a read gathered more rows than the block has"
 
 
 def test_planted_duplicates_are_found_but_own_documents_are_not(tmp_path, docs):
@@ -194,7 +222,7 @@ def test_single_stage_and_order(tmp_path, docs):
     corpus = write_corpus(tmp_path / "corpus", docs[:40])
     out = tmp_path / "ds"
     assert prepare(["--out", str(out), "--stage", "tokenize", "--input", str(corpus), *OPTS]) == 0
-    code = subprocess.run([sys.executable, "-m", "data_prep.index", "--out", str(out)], capture_output=True,
+    code = subprocess.run([sys.executable, "-m", "data_prep", "--stage", "index", "--out", str(out)], capture_output=True,
                           text=True, timeout=120)
     assert code.returncode == 2 and "needs stage 'embed' first" in code.stderr
     assert code.stderr.strip().count("\n") == 0
@@ -212,15 +240,15 @@ def test_resume_after_kill(tmp_path, docs):
     args = ["--input", str(corpus), *OPTS, *slow]
     out = tmp_path / "killed"
     assert prepare(["--out", str(out), "--stage", "tokenize", *args]) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep.embed", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "--stage", "embed", "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = out / "db"
     deadline = time.time() + 240
-    while time.time() < deadline and len(list(parts.glob(".embeddings.parts-*/*.npy"))) < 2:
+    while time.time() < deadline and len(list(parts.glob(".embeddings.parts-*/*.done"))) < 2:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(list(parts.glob(".embeddings.parts-*/*.npy")))
+    done_before = len(list(parts.glob(".embeddings.parts-*/*.done")))
     assert done_before >= 2 and not (parts / "embeddings.npy").exists()
     assert not load_manifest(out)["stages"]["embed"]["done"]
     assert prepare(["--out", str(out), "--stage", "embed"]) == 0
