@@ -227,7 +227,7 @@ def test_single_stage_and_order(tmp_path, docs):
     assert code.returncode == 2 and "needs stage 'embed' first" in code.stderr
     assert code.stderr.strip().count("\n") == 0
     for stage in ("embed", "index", "neighbors", "shard"):
-        r = subprocess.run([sys.executable, "-m", f"data_prep.{stage}", "--out", str(out)], capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "data_prep", "--stage", stage, "--out", str(out)], capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0, r.stderr
     assert load_manifest(out)["stages"]["shard"]["done"]
