@@ -10,7 +10,6 @@ mean a row's result never depends on the number of ranks or on how often the run
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import time
@@ -21,12 +20,10 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from retro_dist.atomic import atomic_path, fsync_path
+from retro_dist.atomic import fsync_path
+from retro_dist.data.format import create_npy, npy_header, pwrite_all
 
 from .stage import StageContext
-
-WRITE_BYTES = 1 << 26  # 64 MB per pwrite
-
 
 @dataclass
 class BlockStats:
@@ -43,36 +40,12 @@ def _undone(work: Path, blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in blocks if _marker(lo, hi) not in done]
 
 
-def _header(shape: tuple[int, int], dtype: np.dtype) -> bytes:
-    """The npy header npy_writer writes (format 2.0), so the bytes equal those of a file written in one go."""
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_2_0(
-        buffer, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
-    return buffer.getvalue()
-
-
-def _create(data: Path, shape: tuple[int, int], dtype: np.dtype) -> None:
-    """The output file, header written and rows not yet (a sparse file), created atomically."""
-    header = _header(shape, dtype)
-    with atomic_path(data) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.truncate(len(header) + shape[0] * shape[1] * dtype.itemsize)
-
-
 def _usable(data: Path, shape: tuple[int, int], dtype: np.dtype) -> bool:
     try:
         array = np.load(data, mmap_mode="r")
     except (OSError, ValueError):
         return False
     return array.shape == shape and array.dtype == dtype
-
-
-def _pwrite_all(fd: int, buffer: memoryview, offset: int) -> None:
-    """os.pwrite until every byte is out (a write may be short); a full disk raises OSError(ENOSPC), not SIGBUS."""
-    done = 0
-    while done < len(buffer):
-        done += os.pwrite(fd, buffer[done:done + WRITE_BYTES], offset + done)
 
 
 def compute_blocks(ctx: StageContext, *, out: Path, num_rows: int, width: int, dtype: str,
@@ -90,7 +63,7 @@ def compute_blocks(ctx: StageContext, *, out: Path, num_rows: int, width: int, d
             shutil.rmtree(work, ignore_errors=True)  # markers of another shape's rows mean nothing
         work.mkdir(parents=True, exist_ok=True)
         if not data.exists():
-            _create(data, shape, dtype)
+            create_npy(data, shape, dtype)
         # no rank writes a marker before every rank has this answer: it is what the whole run has left to do
         return sum(hi - lo for lo, hi in _undone(work, blocks))
 
@@ -112,7 +85,7 @@ def compute_blocks(ctx: StageContext, *, out: Path, num_rows: int, width: int, d
     error = None
     try:
         with bar:
-            _write_blocks(data, mine, compute, width=width, dtype=dtype, header=len(_header(shape, dtype)),
+            _write_blocks(data, mine, compute, width=width, dtype=dtype, header=len(npy_header(shape, dtype)),
                           desc=desc, progress=bar.update)
     except Exception as e:  # noqa: BLE001 - every rank raises it, or the first rank's, in check
         error = e
@@ -131,7 +104,7 @@ def _write_blocks(data: Path, blocks: list[tuple[int, int]], compute: Callable[[
             result = np.ascontiguousarray(compute(lo, hi), dtype=dtype)
             if result.shape != (hi - lo, width):
                 raise RuntimeError(f"{desc}: rows {lo}..{hi} gave shape {result.shape}, expected {(hi - lo, width)}")
-            _pwrite_all(fd, memoryview(result.reshape(-1).view(np.uint8)), header + lo * width * dtype.itemsize)
+            pwrite_all(fd, result, header + lo * width * dtype.itemsize)
             os.fsync(fd)  # the rows are durable before their marker says so
             (data.parent / _marker(lo, hi)).touch()
             progress(hi - lo)

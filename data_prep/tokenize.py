@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from retro_dist.data.format import DatasetError, Layout, atomic_path, load_npy, save_npy
+from retro_dist.data.format import DatasetError, Layout, atomic_path, create_npy, load_npy, pwrite_all, save_npy
 
 from .readers import BadUtf8, Block, Piece, plan_blocks, read_block
 from .stage import StageContext
@@ -358,31 +358,19 @@ def _split_counts(segments: list[Segment], c) -> dict[str, int]:
             "chunks": -(-tokens // c.chunk_size), "samples": max(0, (tokens - 1) // c.seq_len)}
 
 
-def _npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                  "fortran_order": False, "shape": shape})
-    return buffer.getvalue()
-
-
 def _allocate(paths: tuple[Path, Path], tokens: int, chunk_size: int, pad_id: int) -> tuple[int, int]:
     """Rank 0: create the chunks / chunk_docs .npy files at full size (the last chunk's tail already pad).
     Returns the byte offset of each one's data."""
     num_chunks = -(-tokens // chunk_size)
-    offsets = []
-    for path, shape, dtype in ((paths[0], (num_chunks, chunk_size), "int32"), (paths[1], (num_chunks, 2), "int64")):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        header = _npy_header(shape, dtype)
-        with open(path, "wb") as f:
-            f.write(header)
-            f.truncate(len(header) + int(np.prod(shape)) * np.dtype(dtype).itemsize)
-            if dtype == "int32" and num_chunks * chunk_size > tokens:
-                f.seek(len(header) + 4 * tokens)
-                f.write(np.full(num_chunks * chunk_size - tokens, pad_id, np.int32).tobytes())
-        offsets.append(len(header))
-    return offsets[0], offsets[1]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    offsets = (create_npy(paths[0], (num_chunks, chunk_size), "int32"), create_npy(paths[1], (num_chunks, 2), "int64"))
+    if num_chunks * chunk_size > tokens:
+        fd = os.open(paths[0], os.O_WRONLY)
+        try:
+            pwrite_all(fd, np.full(num_chunks * chunk_size - tokens, pad_id, np.int32), offsets[0] + 4 * tokens)
+        finally:
+            os.close(fd)
+    return offsets
 
 
 def _write_split(segments: list[Segment], owned: set[int], parts: Path, paths: tuple[Path, Path],
@@ -402,7 +390,7 @@ def _write_split(segments: list[Segment], owned: set[int], parts: Path, paths: t
                 continue
             first, last = seg.token_range()
             tokens = load_npy(parts / f"{seg.block:06d}.{seg.source}.tokens.npy")
-            _pwrite_all(fds[0], np.ascontiguousarray(tokens[first:last]), offsets[0] + 4 * seg.start)
+            pwrite_all(fds[0], tokens[first:last], offsets[0] + 4 * seg.start)
             end = seg.start + seg.tokens
             rows = np.arange(-(-seg.start // chunk_size), -(-end // chunk_size), dtype=np.int64)
             if not len(rows):
@@ -414,19 +402,12 @@ def _write_split(segments: list[Segment], owned: set[int], parts: Path, paths: t
             for j in np.unique(owner):
                 other, where = segments[j], owner == j
                 docs[where, 1] = other.base + np.searchsorted(other.ends(), lasts[where] - other.start, side="right")
-            _pwrite_all(fds[1], docs, offsets[1] + 16 * int(rows[0]))
+            pwrite_all(fds[1], docs, offsets[1] + 16 * int(rows[0]))
         for fd in fds:
             os.fsync(fd)
     finally:
         for fd in fds:
             os.close(fd)
-
-
-def _pwrite_all(fd: int, array: np.ndarray, offset: int) -> None:
-    view = memoryview(np.ascontiguousarray(array)).cast("B")
-    while len(view):
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
 
 
 def _merge_stats(stats: list[dict[str, Any]]) -> dict[str, int]:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -129,6 +131,34 @@ def file_sha256(path: str | Path, *, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def npy_header(shape: tuple[int, ...], dtype: np.dtype | str) -> bytes:
+    """The .npy header (format 2.0) of every array this module writes, whole or in place."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_2_0(
+        buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)})
+    return buffer.getvalue()
+
+
+def create_npy(path: str | Path, shape: tuple[int, ...], dtype: np.dtype | str) -> int:
+    """A full-size .npy file whose rows are not written yet (a sparse file), created atomically; returns the byte
+    offset of its data, for ranks to fill it in place with pwrite_all."""
+    header = npy_header(shape, dtype)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    return len(header)
+
+
+def pwrite_all(fd: int, array: np.ndarray, offset: int) -> None:
+    """Write `array`'s bytes at `offset` of an open file, 64 MB per call, until every byte is out (a write may be
+    short); plain writes, not a memory map, so a full disk raises OSError(ENOSPC) instead of SIGBUS."""
+    view = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:done + (1 << 26)], offset + done)
+
+
 class NpyAppender:
     """Writes a .npy file row block by row block with plain file writes.
 
@@ -137,8 +167,7 @@ class NpyAppender:
 
     def __init__(self, file, shape: tuple[int, ...], dtype: np.dtype | str):
         self.file, self.shape, self.dtype, self.rows = file, tuple(shape), np.dtype(dtype), 0
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
-        np.lib.format.write_array_header_2_0(file, header)
+        file.write(npy_header(self.shape, self.dtype))
 
     def append(self, rows: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
