@@ -65,6 +65,8 @@ def _set_threads(world: World) -> None:
     """Ranks on one node share its cores: one torch/faiss/tokenizers thread pool per rank, sized to its share."""
     local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", world.size)))
     threads = max(1, (os.cpu_count() or 1) // max(1, local))
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's (or the launcher's) choice wins
+        threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
     for name in ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS"):  # the tokenizers library's pool, read when first used
         os.environ.setdefault(name, str(threads))
     try:
