@@ -63,6 +63,13 @@ class World:
         messages: list[Any] = self.comm.allgather(message)
         return next((m for m in messages if m), None)
 
+    def gather(self, value: T) -> list[T] | None:
+        """Every rank's value, in rank order, on rank 0 (None on the others)."""
+        if self.comm is None:
+            return [value]
+        self.barrier()  # sleep until every rank arrives, rather than spin inside gather
+        return self.comm.gather(value, root=0)
+
     def check(self, error: BaseException | None) -> None:
         """A collective step: when any rank hit an error, every rank raises (its own error, or the first one's
         message), so that no rank waits at a later collective for one that has left."""
