@@ -3,6 +3,8 @@
 - `stdlib_docstrings`: the docstrings of Python's standard library (PSF licence, a few MB of English).
 - `copy_task_docs`: a synthetic copy task: documents of random words, each written twice under different headers,
   so a model can only predict the second copy's words by reading its neighbors (the first copy).
+- `installed_texts`: hundreds of MB of real text (the sources and docs of installed Python packages, then the
+  system's documentation), deduplicated, in a stable order: for measuring the pipeline at scale.
 
     python -m data_prep.corpora OUT_DIR [--limit N]    # one .txt document per docstring
 """
@@ -10,10 +12,16 @@
 from __future__ import annotations
 
 import ast
+import glob
+import gzip
+import hashlib
+import json
+import os
 import random
 import re
 import sysconfig
 from pathlib import Path
+from typing import Iterable, Iterator
 
 
 def stdlib_docstrings(limit: int | None = None, *, min_chars: int = 200) -> list[str]:
@@ -132,6 +140,105 @@ def write_corpus(directory: Path, docs: list[str]) -> Path:
     for i, doc in enumerate(docs):
         (directory / f"doc{i:05d}.txt").write_text(doc)
     return directory
+
+
+PYTHON_TEXT_SUFFIXES = frozenset({".py", ".rst", ".txt", ".md"})
+
+
+def installed_text_roots() -> list[tuple[Path, frozenset[str] | None]]:
+    """Where `installed_texts` reads, in order, with the file suffixes kept there (None: any text file): this
+    interpreter's site-packages and standard library, every other Python found, the system's documentation (read
+    decompressed), then other installed software's Python sources (such as SDKs under /usr/lib)."""
+    paths = sysconfig.get_paths()
+    python = [Path(paths["purelib"]), Path(paths["stdlib"])]
+    for pattern in ("/usr/lib/python3*", "/usr/local/lib/python3*", "~/.pyenv/versions/*/lib/python3*"):
+        python += [Path(p) for p in sorted(glob.glob(os.path.expanduser(pattern)))]
+    docs = [Path(p) for p in ("/usr/share/doc", "/usr/share/info", "/usr/share/man")]
+    return ([(p, PYTHON_TEXT_SUFFIXES) for p in python] + [(p, None) for p in docs]
+            + [(Path("/usr/lib"), PYTHON_TEXT_SUFFIXES)])
+
+
+def installed_texts(*, max_doc_bytes: int = 1 << 20) -> Iterator[tuple[str, str]]:
+    """(path, text) of every installed text file under `installed_text_roots`, in a stable order (roots in order,
+    sorted paths within each), so any prefix of it is the same on one machine. A file is skipped when its text was
+    seen before, or when its path inside a Python installation was (another Python's copy of the same module is a
+    near-duplicate that would make retrieval unrealistically easy); also binary, non-UTF-8, empty and over
+    max_doc_bytes (generated data tables) files."""
+    seen_keys: set[str] = set()
+    seen_texts: set[bytes] = set()
+    for root, suffixes in installed_text_roots():
+        for path in _sorted_files(root):
+            if suffixes is not None and path.suffix not in suffixes:
+                continue
+            key = _install_key(path)
+            if key in seen_keys:
+                continue
+            text = _read_text(path, max_doc_bytes)
+            if text is None:
+                continue
+            digest = hashlib.sha1(text.encode()).digest()
+            if digest in seen_texts:
+                continue
+            seen_keys.add(key)
+            seen_texts.add(digest)
+            yield str(path), text
+
+
+def _sorted_files(root: Path) -> Iterator[Path]:
+    """Regular files under root, depth first in sorted order, not following links."""
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            path = Path(directory, name)
+            if not path.is_symlink() and path.is_file():
+                yield path
+
+
+def _install_key(path: Path) -> str:
+    """The path inside its Python installation (after site-packages / dist-packages / pythonX.Y), else the path."""
+    parts = path.parts
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] in ("site-packages", "dist-packages") or re.fullmatch(r"python\d(\.\d+)?", parts[i]):
+            return "/".join(parts[i + 1:])
+    return str(path)
+
+
+def _read_text(path: Path, max_bytes: int) -> str | None:
+    """The file's text (gzip read decompressed), or None when binary, not UTF-8, blank or over max_bytes."""
+    try:
+        with (gzip.open(path) if path.suffix == ".gz" else path.open("rb")) as f:
+            data = f.read(max_bytes + 1)
+        text = data.decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError):
+        return None
+    return text if len(data) <= max_bytes and "\0" not in text and text.strip() else None
+
+
+def write_jsonl_corpus(directory: Path, docs: Iterable[str], *, max_bytes: int,
+                       part_bytes: int = 64 << 20) -> dict[str, int]:
+    """Write docs as JSON-lines files (`{"text": ...}` per line, parts of about part_bytes) until their UTF-8 text
+    reaches max_bytes. Returns the documents, text bytes and files written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    documents = total = part = written = 0
+    out = None
+    try:
+        for doc in docs:
+            if total >= max_bytes:
+                break
+            if out is None or written >= part_bytes:
+                if out is not None:
+                    out.close()
+                out = open(directory / f"docs-{part:05d}.jsonl", "w", encoding="utf-8")
+                part, written = part + 1, 0
+            line = json.dumps({"text": doc}, ensure_ascii=False) + "\n"
+            out.write(line)
+            written += len(line)
+            total += len(doc.encode())
+            documents += 1
+    finally:
+        if out is not None:
+            out.close()
+    return {"documents": documents, "text_bytes": total, "files": part}
 
 
 if __name__ == "__main__":
