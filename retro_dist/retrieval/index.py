@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -440,13 +440,14 @@ def merge_top_scores(parts: list[np.ndarray], k: int = RECALL_K) -> np.ndarray:
     return -np.sort(-np.concatenate(parts, axis=1), axis=1)[:, :k]
 
 
-def measure_recall(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, top: np.ndarray, *,
-                   rerank: int | None = None) -> float:
-    """Tie-aware recall@k of `search` (own row excluded) against the exact top scores `top` [q, k]: a neighbor counts
-    when its exact score reaches the k-th exact score less TIE_TOLERANCE, so equal-scoring duplicates are all right."""
+def query_recalls(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, top: np.ndarray, *,
+                  rerank: int | None = None) -> np.ndarray:
+    """Tie-aware recall@k of `search` (own row excluded) per query, against the exact top scores `top` [q, k]: a
+    neighbor counts when its exact score reaches the k-th exact score less TIE_TOLERANCE, so that equal-scoring
+    duplicates are all right. A query's value depends on that query alone."""
     k = top.shape[1]
     if len(query_ids) == 0:
-        return 1.0  # a database of one row has no neighbors to miss
+        return np.zeros(0)
     queries = _rows_f32(vectors, query_ids)
     _, ids = search(index, queries, k, exclude=np.stack([query_ids, query_ids + 1], 1), vectors=vectors,
                     rerank=rerank)
@@ -454,38 +455,63 @@ def measure_recall(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarra
     expected = np.isfinite(top).sum(1)
     kth = top[np.arange(len(top)), np.maximum(expected - 1, 0)]
     hits = ((ids >= 0) & (scores >= kth[:, None] - TIE_TOLERANCE)).sum(1)
-    return float(np.mean(np.where(expected > 0, np.minimum(hits, expected) / np.maximum(expected, 1), 1.0)))
+    return np.where(expected > 0, np.minimum(hits, expected) / np.maximum(expected, 1), 1.0)
 
 
-def search_ladder(index: faiss.Index) -> list[dict[str, int | None]]:
-    """Search settings from cheap to costly: nprobe (IVF) or efSearch (HNSW) doubling and, at each, the re-rank
-    depths of a compressed index."""
-    steps: list[dict[str, int | None]] = [{}]
+def measure_recall(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarray, top: np.ndarray, *,
+                   rerank: int | None = None) -> float:
+    """Mean of `query_recalls` (1.0 with no queries: a database of one row has no neighbors to miss)."""
+    recalls = query_recalls(index, vectors, query_ids, top, rerank=rerank)
+    return float(recalls.mean()) if len(recalls) else 1.0
+
+
+def search_ladder(index: faiss.Index) -> tuple[str | None, list[int | None], tuple[int | None, ...]]:
+    """(knob, its values from cheap to costly, re-rank depths from cheap to costly): nprobe doubling up to nlist
+    (IVF) or efSearch doubling (HNSW), and the re-rank depths of a compressed index (None: exact, no re-rank)."""
+    knob, values = None, [None]
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        steps = [{"nprobe": min(2**i, ivf.nlist)} for i in range((ivf.nlist - 1).bit_length() + 1)]
+        knob, values = "nprobe", [min(2**i, ivf.nlist) for i in range((ivf.nlist - 1).bit_length() + 1)]
     elif _is_hnsw(index):
-        steps = [{"efSearch": 2**i} for i in range(4, 13)]
-    reranks = (None,) if _exact_scores(index) else RERANK_DEPTHS
-    return [{**step, "rerank": rerank} for step in steps for rerank in reranks]
+        knob, values = "efSearch", [2**i for i in range(4, 13)]
+    return knob, values, (None,) if _exact_scores(index) else RERANK_DEPTHS
 
 
 def tune_search(index: faiss.Index, vectors: np.ndarray, *, target: float, query_ids: np.ndarray | None = None,
-                top: np.ndarray | None = None) -> dict[str, Any]:
-    """Walk `search_ladder` until recall@10 on `query_ids` (default: `recall_sample`) reaches `target`, or to its end.
+                top: np.ndarray | None = None,
+                combine: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
+    """The cheapest `search_ladder` setting whose recall@10 on `query_ids` (default: `recall_sample`) reaches
+    `target`: the smallest nprobe / efSearch that reaches it at the deepest re-rank, then the shallowest re-rank that
+    still does there. Without one, the costliest setting.
 
-    Leaves the index at the chosen nprobe / efSearch (saved with it) and returns the setting with its measured
-    recall: {nprobe or efSearch, "rerank" (the depth to pass to `search`, None when exact), "recall_at_10",
-    "recall_queries", "reached"}. `top` = exact_top_scores of the queries, computed here when not given.
+    Leaves the index at the chosen nprobe / efSearch (saved with it) and returns {nprobe or efSearch, "rerank" (the
+    depth to pass to `search`; None for an exact index), "recall_at_10", "recall_queries", "reached"}. `top` =
+    exact_top_scores of the queries (computed here when not given). Processes that each hold a share of the queries
+    pass `combine`, which joins every process's `query_recalls` in query order; every process then decides alike.
     """
     query_ids = recall_sample(len(vectors)) if query_ids is None else query_ids
     top = exact_top_scores(vectors, query_ids) if top is None else top
-    space = faiss.ParameterSpace()
-    for step in search_ladder(index):
-        for name, value in step.items():
-            if name != "rerank":
-                space.set_index_parameter(index, name, value)
-        recall = measure_recall(index, vectors, query_ids, top, rerank=step["rerank"])
-        if recall >= target:
+    knob, values, reranks = search_ladder(index)
+    space, count = faiss.ParameterSpace(), [len(query_ids)]
+
+    def recall(value: int | None, rerank: int | None) -> float:
+        if knob is not None:
+            space.set_index_parameter(index, knob, value)
+        recalls = query_recalls(index, vectors, query_ids, top, rerank=rerank)
+        recalls = combine(recalls) if combine is not None else recalls
+        count[0] = len(recalls)
+        return float(recalls.mean()) if len(recalls) else 1.0
+
+    for value in values:  # recall rises with either knob: one pass over nprobe, then one over the re-rank depth
+        best = recall(value, reranks[-1])
+        if best >= target:
             break
-    return {**step, "recall_at_10": round(recall, 4), "recall_queries": len(query_ids), "reached": recall >= target}
+    reached, chosen = best >= target, reranks[-1]
+    for rerank in reranks[:-1] if reached else ():
+        shallower = recall(value, rerank)
+        if shallower >= target:
+            chosen, best = rerank, shallower
+            break
+    setting = {knob: value} if knob is not None else {}
+    return {**setting, "rerank": chosen, "recall_at_10": round(best, 4), "recall_queries": count[0],
+            "reached": reached}
