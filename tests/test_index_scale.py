@@ -3,7 +3,12 @@ re-ranking, memory-mapped loading, and the index stage filled by 2 ranks equal t
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -268,3 +273,34 @@ def test_killed_fill_resumes_with_its_finished_blocks(tmp_path, text_embeddings,
     counts, _ = run_stage(tmp_path / "killed", **OPTIONS)
     assert counts["blocks_encoded"] == 4 and not parts.exists()
     assert Layout(tmp_path / "killed").index.read_bytes() == Layout(tmp_path / "fresh").index.read_bytes()
+
+
+STAGE_ALONE = """
+import json, sys
+from pathlib import Path
+from data_prep import index
+from data_prep.config import PrepareConfig
+from data_prep.parallel import World
+from data_prep.stage import StageContext
+world = World()
+ctx = StageContext(root=Path(sys.argv[1]), config=PrepareConfig(**json.loads(sys.argv[2])), world=world, manifest={},
+                   fingerprint="f" * 32)
+index.run(ctx)
+if world.is_main:
+    print(json.dumps(ctx.facts["index"]))
+"""
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (apt-get install openmpi-bin)")
+def test_mpirun_two_ranks_equal_one(tmp_path, text_embeddings):
+    dataset(tmp_path / "one", text_embeddings[:20_000])
+    dataset(tmp_path / "mpi", text_embeddings[:20_000])
+    _, facts = run_stage(tmp_path / "one", **OPTIONS)
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1",
+           "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+    result = subprocess.run([shutil.which("mpirun"), "-np", "2", sys.executable, "-c", STAGE_ALONE,
+                             str(tmp_path / "mpi"), json.dumps(OPTIONS)], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == facts
+    assert Layout(tmp_path / "mpi").index.read_bytes() == Layout(tmp_path / "one").index.read_bytes()
