@@ -16,7 +16,7 @@ from data_prep.corpora import stdlib_docstrings, write_corpus
 from data_prep.parallel import World
 from data_prep.pipeline import main as prepare
 from data_prep.stage import StageContext
-from retro_dist.data.format import Layout, load_manifest, save_npy
+from retro_dist.data.format import load_manifest, save_npy
 
 ROWS, WIDTH = 1000, 3
 MPIRUN = shutil.which("mpirun")
