@@ -78,6 +78,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     c, layout, manifest = ctx.config, Layout(ctx.root), ctx.manifest
     index = load_index(layout.index, mmap=True)  # ranks on a node share its pages
     vectors = load_npy(layout.embeddings("train"))  # exact re-scoring of a compressed index's candidates
+    rerank = manifest.get("index", {}).get("rerank")  # the depth the index stage tuned (None: exact index)
     k = c.num_neighbors
     counts: dict[str, Any] = {}
     for split in ("train", "val"):
@@ -90,7 +91,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             exclude = None if chunk_docs is None else exclusion_ranges(
                 chunk_docs, lo, hi, chunks_per_sample=manifest["seq_len"] // manifest["chunk_size"],
                 num_samples=manifest["counts"]["train"]["samples"])
-            _, ids = search(index, np.asarray(queries[lo:hi], dtype=np.float32), k, exclude=exclude, vectors=vectors)
+            _, ids = search(index, np.asarray(queries[lo:hi], dtype=np.float32), k, exclude=exclude, vectors=vectors,
+                            rerank=rerank)
             return ids
 
         out = layout.neighbors(split)

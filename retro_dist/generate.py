@@ -34,7 +34,9 @@ class Retriever:
             raise ValueError(f"{dataset} has no finished index: run `retro-dist prepare` to the end")
         self.tokenizer = Tokenizer.from_file(str(layout.tokenizer))
         self.embedder = get_embedder(m["embedder"]["name"])
-        self.index = load_index(layout.index)
+        self.index = load_index(layout.index, mmap=True)
+        self.vectors = load_npy(layout.embeddings("train"))  # exact re-scoring of a compressed index's candidates
+        self.rerank = m.get("index", {}).get("rerank")  # the depth the index stage tuned
         self.db = load_npy(layout.chunks("train"))
         self.k = num_neighbors or m["num_neighbors"]
         self.calls = 0
@@ -45,7 +47,7 @@ class Retriever:
 
         self.calls += 1
         vector = self.embedder.embed([self.tokenizer.decode(list(chunk), skip_special_tokens=True)])
-        _, ids = search(self.index, vector.astype(np.float32), self.k)
+        _, ids = search(self.index, vector.astype(np.float32), self.k, vectors=self.vectors, rerank=self.rerank)
         return neighbor_tokens(self.db, ids[0], pad_id=self.manifest["pad_id"]).astype(np.int64), ids[0]
 
 
