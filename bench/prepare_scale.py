@@ -94,8 +94,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prepare-args", default="", help="more options for every prepare call, one string")
     parser.add_argument("--ranks-per-node", type=int, default=os.cpu_count() or 1,
                         help="ranks per node assumed by the projection (default: this machine's cores)")
-    parser.add_argument("--stage-timeout", type=float, default=None, help="seconds before a stage is killed")
+    parser.add_argument("--stage-timeout", type=timeouts, default={},
+                        help="seconds before a stage is killed: one number for every stage, or STAGE=S,... (e.g. "
+                             "neighbors=300,default=3600)")
+    parser.add_argument("--reuse-small", action="store_true",
+                        help="take the small runs (1 and 2 ranks) from WORK/results.json instead of running them")
     return parser.parse_args()
+
+
+def timeouts(text: str) -> dict[str, float]:
+    """'300' -> every stage 300 s; 'neighbors=300,default=3600' -> per stage, `default` for the others."""
+    if "=" not in text:
+        return {"default": float(text)}
+    pairs = dict(item.split("=", 1) for item in text.split(","))
+    unknown = set(pairs) - {*STAGES, "default"}
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {', '.join(sorted(unknown))}: use {', '.join(STAGES)}")
+    return {stage: float(value) for stage, value in pairs.items()}
 
 
 def machine() -> dict[str, Any]:
@@ -234,7 +249,7 @@ def last_error(log_path: Path) -> str:
 
 
 def run_pipeline(work: Path, size: str, corpus: dict[str, Any], ranks: int, options: list[str],
-                 timeout: float | None) -> Run:
+                 timeouts: dict[str, float]) -> Run:
     """Every stage of a fresh dataset, each as its own process; after a failed stage the rest are not run."""
     dataset = work / f"ds-{size}-{ranks}rank"
     shutil.rmtree(dataset, ignore_errors=True)
@@ -251,19 +266,36 @@ def run_pipeline(work: Path, size: str, corpus: dict[str, Any], ranks: int, opti
             continue
         cmd = [*launcher, *PIPELINE, "--input", corpus["path"], "--out", str(dataset), "--stage", stage, *options]
         log_path = logs / f"{dataset.name}-{stage}.log"
+        timeout = timeouts.get(stage, timeouts.get("default"))
         status, seconds, anon, rss = run_watched(cmd, env, log_path, cpu=cpu, timeout=timeout)
         run.manifest = read_manifest(dataset)
         own = run.manifest.get("stages", {}).get(stage, {}).get("wall_time_s")
         result.status, result.process_seconds, result.peak_anon, result.peak_rss = status, seconds, anon, rss
         result.seconds = own if status == "ok" and own is not None else seconds
         if status == "timeout":
-            result.error = f"killed after {timeout:g} s"
+            rate = last_rate(log_path)
+            result.error = f"killed after {timeout:g} s" + (f", progressing at {rate} on rank 0" if rate else "")
         elif status != "ok":
             result.error = last_error(log_path)
         failed = status != "ok"
         log(f"{size} {ranks} rank(s) {stage}: {status} in {result.seconds:.1f} s, peak anon {gb(anon)}, "
             f"rss {gb(rss)}" + (f": {result.error}" if result.error else ""))
     return run
+
+
+def last_rate(log_path: Path) -> str | None:
+    """The last rate a progress bar printed in the log (e.g. '186query/s'), or None."""
+    rates = re.findall(r"([0-9.]+[kM]?(?:query|chunk|vec|B|it)/s)", log_path.read_text(errors="replace"))
+    return rates[-1] if rates else None
+
+
+def load_runs(path: Path) -> list[Run]:
+    """The runs of an earlier results JSON."""
+    runs = []
+    for raw in json.loads(path.read_text())["runs"]:
+        stages = {name: StageRun(**stage) for name, stage in raw.pop("stages").items()}
+        runs.append(Run(**raw, stages=stages))
+    return runs
 
 
 def read_manifest(dataset: Path) -> dict[str, Any]:
@@ -475,7 +507,7 @@ def report(info: dict[str, Any], small: Run, two: Run | None, large: Run, proj: 
             f"run is pinned to one core. --tokenizer-sample-mb is half the small corpus, so both sizes train the same "
             f"tokenizer on the same text; --tokenize-block-mb an eighth of it, so the small run has blocks for 2 "
             f"ranks.\n",
-            f"Corpora (installed packages' sources and docs, then system documentation; JSON-lines, deduplicated): "
+            "Corpora (installed packages' sources and docs, then system documentation; JSON-lines, deduplicated): "
             + "; ".join(f"{run.size}: {run.corpus['text_bytes'] / 1e6:.0f} MB of text, {run.corpus['documents']:,} "
                         f"documents, {run.tokens:,} tokens" for run in (small, large))
             + (f"; {bpt:.2f} bytes/token measured on the small run." if bpt else "."),
@@ -519,9 +551,14 @@ def main() -> None:
     small_label, large_label = size_label(small_tokens), size_label(large_tokens)
     small_corpus = ensure_corpus(args.work, small_label, corpus_bytes(small_tokens, BYTES_PER_TOKEN))
     options = prepare_options(args, pipeline_flags(), small_corpus["text_bytes"])
-    small = run_pipeline(args.work, small_label, small_corpus, 1, options, args.stage_timeout)
-    two = (run_pipeline(args.work, small_label, small_corpus, 2, options, args.stage_timeout)
-           if shutil.which("mpirun") else None)
+    if args.reuse_small:
+        earlier = {(run.size, run.ranks): run for run in load_runs(args.work / "results.json")}
+        small, two = earlier[(small_label, 1)], earlier.get((small_label, 2))
+        log(f"small runs taken from {args.work / 'results.json'}")
+    else:
+        small = run_pipeline(args.work, small_label, small_corpus, 1, options, args.stage_timeout)
+        two = (run_pipeline(args.work, small_label, small_corpus, 2, options, args.stage_timeout)
+               if shutil.which("mpirun") else None)
     # 3% more text than the small run's ratio asks for: the later documents (man pages, changelogs) differ in ratio
     large_corpus = ensure_corpus(args.work, large_label,
                                  corpus_bytes(large_tokens * 1.03, bytes_per_token(small) or BYTES_PER_TOKEN))
