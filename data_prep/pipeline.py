@@ -100,6 +100,3 @@ def run_cli(args: argparse.Namespace, stages: list[str]) -> int:
         return 130
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
