@@ -27,14 +27,14 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from retro_dist.data.format import DatasetError, Layout, atomic_path, create_npy, load_npy, pwrite_all, save_npy
+from retro_dist.data.format import DatasetError, Layout, atomic_path, save_npy
 
+from .assemble import SPLITS, allocate, place_segments, split_counts, write_split
 from .readers import BadUtf8, Block, Piece, plan_blocks, read_block
 from .stage import StageContext
 
 PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
 EOS_NAMES = ("<eos>", "</s>", "<|endoftext|>", "<|eos|>", "[SEP]")
-SPLITS = ("train", "val")
 BATCH_CHARS = 4 << 20  # characters per encode_batch call: the tokenizer's per-token objects stay ~1 GB at most
 PIECE_CHARS = 1 << 20  # longer documents are encoded in pieces of about this many characters
 # a single space or newline between two letters/digits: no byte-level BPE pre-token crosses it, so cutting a
@@ -162,8 +162,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     world.check(error)
 
     stats = [json.loads((parts / f"{b:06d}.json").read_text()) for b in range(len(blocks))]
-    segments = _segments(stats, parts, c.val_fraction)
-    counts = {split: _split_counts(segs, c) for split, segs in segments.items()}
+    segments = place_segments(stats, parts, c.val_fraction)
+    counts = {split: split_counts(segs, c) for split, segs in segments.items()}
     if not any(counts[s]["documents"] for s in SPLITS):
         raise _no_documents(c.inputs)
     if counts["train"]["samples"] == 0:
@@ -173,12 +173,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     outputs = {split: (layout.chunks(split), layout.chunk_docs(split)) for split in SPLITS}
     temps = {split: tuple(p.with_name(f".{p.name}.tmp-{ctx.fingerprint[:16]}") for p in paths)
              for split, paths in outputs.items()}
-    offsets = world.on_main(lambda: {split: _allocate(temps[split], counts[split]["tokens"], c.chunk_size, pad_id)
+    offsets = world.on_main(lambda: {split: allocate(temps[split], counts[split]["tokens"], c.chunk_size, pad_id)
                                      for split in SPLITS})
     owned, error = set(world.my_blocks(len(blocks))), None
     try:
         for split in SPLITS:
-            _write_split(segments[split], owned, parts, temps[split], offsets[split], counts[split]["tokens"],
+            write_split(segments[split], owned, parts, temps[split], offsets[split], counts[split]["tokens"],
                          c.chunk_size)
     except Exception as e:  # noqa: BLE001 - raised on every rank by check
         error = e
@@ -255,7 +255,7 @@ def _prepare_tokenizer(ctx: StageContext, blocks: list[Block], path: Path) -> di
                 doc = data[:budget - size].decode("utf-8", "ignore")
             sample.append(doc)
             size += min(len(data), budget - size)
-        else:  # the whole corpus was read: apply the small-corpus rule of _segments
+        else:  # the whole corpus was read: apply the small-corpus rule of place_segments
             if c.val_fraction > 0 and not any_val and len(sample) > 1:
                 sample.pop()
         ctx.log(f"[tokenize] training a byte-level BPE tokenizer (vocab {c.vocab_size}) on {len(sample)} documents "
@@ -299,115 +299,6 @@ def _tokenize_block(block: Block, parts: Path, number: int, tokenizer, eos_id: i
                          "largest_document": int(lengths.max(initial=0))}
     with atomic_path(parts / f"{number:06d}.json") as tmp:
         tmp.write_text(json.dumps(record))
-
-
-# assembly -----------------------------------------------------------------------------------------------------------
-
-class Segment:
-    """Documents [lo, hi) of part (block, source split), placed in an output split at token `start`, doc id `base`."""
-
-    def __init__(self, parts: Path, block: int, source: str, lo: int, hi: int):
-        self.parts, self.block, self.source, self.lo, self.hi = parts, block, source, lo, hi
-        self.start = self.base = 0
-        self._ends: np.ndarray | None = None
-
-    def ends(self) -> np.ndarray:
-        """Exclusive end offset of each document, relative to the segment's first token."""
-        if self._ends is None:
-            lengths = load_npy(self.parts / f"{self.block:06d}.{self.source}.lengths.npy", mmap=False)
-            self._ends = np.cumsum(lengths[self.lo:self.hi])
-        return self._ends
-
-    def token_range(self) -> tuple[int, int]:
-        """[first, last) token of this segment inside its part's token array."""
-        lengths = load_npy(self.parts / f"{self.block:06d}.{self.source}.lengths.npy", mmap=False)
-        first = int(lengths[:self.lo].sum())
-        return first, first + int(self.ends()[-1]) if self.hi > self.lo else first
-
-    @property
-    def tokens(self) -> int:
-        return int(self.ends()[-1]) if self.hi > self.lo else 0
-
-
-def _segments(stats: list[dict[str, Any]], parts: Path, val_fraction: float) -> dict[str, list[Segment]]:
-    """Each split's segments in stream order, with token offsets and first document ids.
-
-    A corpus too small to give any validation document by hash gives its last train document to validation.
-    """
-    segments = {split: [Segment(parts, b, split, 0, s[split]["documents"]) for b, s in enumerate(stats)
-                        if s[split]["documents"]] for split in SPLITS}
-    train_docs = sum(s["train"]["documents"] for s in stats)
-    if val_fraction > 0 and not segments["val"] and train_docs > 1:
-        last = segments["train"][-1]
-        segments["val"] = [Segment(parts, last.block, "train", last.hi - 1, last.hi)]
-        last.hi -= 1
-        if last.hi == last.lo:
-            segments["train"].pop()
-    for segs in segments.values():
-        start = base = 0
-        for seg in segs:
-            seg.start, seg.base = start, base
-            start += seg.tokens
-            base += seg.hi - seg.lo
-    return segments
-
-
-def _split_counts(segments: list[Segment], c) -> dict[str, int]:
-    tokens = sum(s.tokens for s in segments)
-    return {"documents": sum(s.hi - s.lo for s in segments), "tokens": tokens,
-            "chunks": -(-tokens // c.chunk_size), "samples": max(0, (tokens - 1) // c.seq_len)}
-
-
-def _allocate(paths: tuple[Path, Path], tokens: int, chunk_size: int, pad_id: int) -> tuple[int, int]:
-    """Rank 0: create the chunks / chunk_docs .npy files at full size (the last chunk's tail already pad).
-    Returns the byte offset of each one's data."""
-    num_chunks = -(-tokens // chunk_size)
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    offsets = (create_npy(paths[0], (num_chunks, chunk_size), "int32"), create_npy(paths[1], (num_chunks, 2), "int64"))
-    if num_chunks * chunk_size > tokens:
-        fd = os.open(paths[0], os.O_WRONLY)
-        try:
-            pwrite_all(fd, np.full(num_chunks * chunk_size - tokens, pad_id, np.int32), offsets[0] + 4 * tokens)
-        finally:
-            os.close(fd)
-    return offsets
-
-
-def _write_split(segments: list[Segment], owned: set[int], parts: Path, paths: tuple[Path, Path],
-                 offsets: tuple[int, int], total: int, chunk_size: int) -> None:
-    """Write this rank's segments: their tokens, and the rows of chunk_docs for chunks that start in them.
-
-    chunk_docs[c] = (document of token c * chunk_size, document of token min((c + 1) * chunk_size, total) - 1); a
-    chunk's last token may lie in a later segment, whose document lengths are read from its part.
-    """
-    if not any(seg.block in owned for seg in segments):
-        return
-    starts = np.array([seg.start for seg in segments], dtype=np.int64)
-    fds = [os.open(path, os.O_WRONLY) for path in paths]
-    try:
-        for i, seg in enumerate(segments):
-            if seg.block not in owned:
-                continue
-            first, last = seg.token_range()
-            tokens = load_npy(parts / f"{seg.block:06d}.{seg.source}.tokens.npy")
-            pwrite_all(fds[0], tokens[first:last], offsets[0] + 4 * seg.start)
-            end = seg.start + seg.tokens
-            rows = np.arange(-(-seg.start // chunk_size), -(-end // chunk_size), dtype=np.int64)
-            if not len(rows):
-                continue
-            docs = np.empty((len(rows), 2), np.int64)
-            docs[:, 0] = seg.base + np.searchsorted(seg.ends(), rows * chunk_size - seg.start, side="right")
-            lasts = np.minimum((rows + 1) * chunk_size, total) - 1
-            owner = np.searchsorted(starts, lasts, side="right") - 1  # the segment holding each chunk's last token
-            for j in np.unique(owner):
-                other, where = segments[j], owner == j
-                docs[where, 1] = other.base + np.searchsorted(other.ends(), lasts[where] - other.start, side="right")
-            pwrite_all(fds[1], docs, offsets[1] + 16 * int(rows[0]))
-        for fd in fds:
-            os.fsync(fd)
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 def _merge_stats(stats: list[dict[str, Any]]) -> dict[str, int]:
