@@ -26,18 +26,19 @@ class Segment:
         self.start = self.base = 0
         self._ends: np.ndarray | None = None
 
+    def _lengths(self) -> np.ndarray:
+        return load_npy(self.parts / f"{self.block:06d}.{self.source}.lengths.npy", mmap=False)
+
     def ends(self) -> np.ndarray:
         """Exclusive end offset of each document, relative to the segment's first token."""
         if self._ends is None:
-            lengths = load_npy(self.parts / f"{self.block:06d}.{self.source}.lengths.npy", mmap=False)
-            self._ends = np.cumsum(lengths[self.lo:self.hi])
+            self._ends = np.cumsum(self._lengths()[self.lo:self.hi])
         return self._ends
 
     def token_range(self) -> tuple[int, int]:
         """[first, last) token of this segment inside its part's token array."""
-        lengths = load_npy(self.parts / f"{self.block:06d}.{self.source}.lengths.npy", mmap=False)
-        first = int(lengths[:self.lo].sum())
-        return first, first + int(self.ends()[-1]) if self.hi > self.lo else first
+        first = int(self._lengths()[:self.lo].sum()) if self.lo else 0
+        return first, first + self.tokens
 
     @property
     def tokens(self) -> int:

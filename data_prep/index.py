@@ -24,20 +24,11 @@ from retro_dist.retrieval.index import (add_encoded, add_rows, default_factory, 
                                         fills_in_blocks, list_sizes, load_index, recall_sample, reserve_lists,
                                         save_index, train_index, tune_search)
 
-from .parallel import World
 from .stage import StageContext
 
 
 def _part(parts: Path, lo: int, hi: int) -> Path:
     return parts / f"rows-{lo:012d}-{hi:012d}.npy"  # named by rows, so a changed block_size never reuses a part
-
-
-def _allgather(world: World, value: Any) -> list[Any]:
-    """Every rank's value, in rank order, on every rank."""
-    if world.comm is None:
-        return [value]
-    world.barrier()  # sleep until all arrive, rather than spin inside allgather
-    return world.comm.allgather(value)
 
 
 def _share(items: np.ndarray, ranks: int, rank: int) -> np.ndarray:
@@ -114,11 +105,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     lap("join_s")
 
     # every rank tunes on its share of the queries: rank 0 on the index it holds, the others on the joined file
-    top = np.concatenate([part for part in _allgather(world, top) if part is not None])
+    top = np.concatenate([part for part in world.allgather(top) if part is not None])
     share = _share(np.arange(len(query_ids)), world.size, world.rank)
     tuning = tune_search(index if world.is_main else load_index(joined, mmap=True), embeddings,
                          target=c.index_recall, query_ids=query_ids[share], top=top[share],
-                         combine=lambda recalls: np.concatenate(_allgather(world, recalls)))
+                         combine=lambda recalls: np.concatenate(world.allgather(recalls)))
     lap("tune_s")
 
     def save() -> None:

@@ -70,6 +70,13 @@ class World:
         self.barrier()  # sleep until every rank arrives, rather than spin inside gather
         return self.comm.gather(value, root=0)
 
+    def allgather(self, value: T) -> list[T]:
+        """Every rank's value, in rank order, on every rank."""
+        if self.comm is None:
+            return [value]
+        self.barrier()  # sleep until every rank arrives, rather than spin inside allgather
+        return self.comm.allgather(value)
+
     def check(self, error: BaseException | None) -> None:
         """A collective step: when any rank hit an error, every rank raises (its own error, or the first one's
         message), so that no rank waits at a later collective for one that has left."""

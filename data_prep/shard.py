@@ -12,7 +12,7 @@ import io
 import shutil
 import time
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import webdataset as wds
@@ -21,11 +21,7 @@ from tqdm import tqdm
 from retro_dist.atomic import fsync_path
 from retro_dist.data.format import SPLITS, Layout, file_sha256, load_npy, sample_key
 
-from .parallel import World
 from .stage import StageContext
-
-T = TypeVar("T")
-
 
 def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
@@ -70,7 +66,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         error = e
     try:
         world.check(error)
-        parts = _gather(world, written)
+        parts = world.gather(written)
     except BaseException:
         if world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -117,10 +113,3 @@ def _fresh_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)  # what a killed run left
     path.mkdir()
 
-
-def _gather(world: World, value: T) -> list[T] | None:
-    """Every rank's value, in rank order, on rank 0 (None elsewhere)."""
-    if world.comm is None:
-        return [value]
-    world.barrier()  # sleep, rather than spin in gather, while the slowest rank finishes
-    return world.comm.gather(value, root=0)
