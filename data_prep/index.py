@@ -20,9 +20,9 @@ import numpy as np
 from tqdm import tqdm
 
 from retro_dist.data.format import Layout, load_npy, save_npy
-from retro_dist.retrieval.index import (add_encoded, add_rows, default_factory, encode_block, exact_top_scores,
-                                        fills_in_blocks, list_sizes, load_index, recall_sample, reserve_lists,
-                                        save_index, train_index, tune_search)
+from retro_dist.retrieval.index import (add_encoded, add_rows, default_factory, encode_block, fills_in_blocks,
+                                        list_sizes, load_index, reserve_lists, save_index, train_index)
+from retro_dist.retrieval.tuning import exact_top_scores, recall_sample, tune_search
 
 from .stage import StageContext
 

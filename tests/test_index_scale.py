@@ -24,9 +24,9 @@ from data_prep.parallel import World
 from data_prep.stage import StageContext
 from retro_dist.data.format import Layout, save_npy
 from retro_dist.retrieval import build_index, get_embedder, load_index, save_index, search
-from retro_dist.retrieval.index import (EXACT_MAX, MAX_BYTES_PER_CHUNK, RERANK_DEPTHS, default_factory,
-                                        exact_top_scores, ivf_nlist, measure_recall, pq_size, recall_sample,
-                                        tune_search)
+from retro_dist.retrieval.index import (EXACT_MAX, MAX_BYTES_PER_CHUNK, RERANK_DEPTHS, default_factory, ivf_nlist,
+                                        pq_size)
+from retro_dist.retrieval.tuning import exact_top_scores, measure_recall, recall_sample, tune_search
 
 
 @pytest.fixture(autouse=True)
