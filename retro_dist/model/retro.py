@@ -327,18 +327,31 @@ class RETRO(nn.Module):
 
 def deepnorm_init(module: nn.Module, beta: float) -> None:
     """DeepNet init as RETRO-pytorch: xavier-normal Linear weights, gain beta for value, output and feed-forward
-    projections (each slice of a fused projection on its own fan), 1 elsewhere; zero biases."""
+    projections (each slice of a fused projection on its own fan), 1 elsewhere; zero biases.
+
+    Runs through `Module.apply` on purpose: a builder that partitions parameters as they are created (DeepSpeed's
+    ZeRO-3 `zero.Init`) hands `apply`'s function each module with its own parameters whole, one module at a time,
+    and keeps rank 0's result. The Linear layers are leaves, so `apply` (children first) visits them in the same
+    order as `named_modules` and draws the same random numbers as a plain build: the weights do not depend on how,
+    or over how many ranks, the model was built."""
+    gains: dict[int, tuple[float, ...]] = {}
     for name, sub in module.named_modules():
         if not isinstance(sub, nn.Linear):
             continue
-        weight = sub.weight.data
         if name.endswith("to_qkv"):
-            gains = (1.0, 1.0, beta)
+            gains[id(sub)] = (1.0, 1.0, beta)
         elif name.endswith("to_kv"):
-            gains = (1.0, beta)
+            gains[id(sub)] = (1.0, beta)
         else:
-            gains = (beta if (".ff." in name or name.endswith("to_out")) else 1.0,)
-        for part, gain in zip(weight.chunk(len(gains), dim=0), gains):
+            gains[id(sub)] = (beta if (".ff." in name or name.endswith("to_out")) else 1.0,)
+
+    def init(sub: nn.Module) -> None:
+        if id(sub) not in gains:
+            return
+        parts = sub.weight.data.chunk(len(gains[id(sub)]), dim=0)
+        for part, gain in zip(parts, gains[id(sub)]):
             nn.init.xavier_normal_(part, gain=gain)
         if sub.bias is not None:
             nn.init.zeros_(sub.bias)
+
+    module.apply(init)

@@ -14,13 +14,13 @@ from retro_dist.config import RunConfig, load_run_config
 from retro_dist.data.format import DatasetError, load_manifest
 from retro_dist.data.loader import check_compatible
 from retro_dist.dist import DistInitError
-from retro_dist.model import RETRO
 from retro_dist.model.presets import preset_config
 
+from .build import build_model
 from .checkpoint import convert_to_universal, newest_whole, read_meta
 from .ds_config import batch_plan, build_ds_config, engine_settings, resolve_precision
 from .metrics import measure_peak_flops
-from .parallelize import apply_activation_checkpointing, param_groups
+from .parallelize import param_groups
 
 
 def model_config(run: RunConfig, manifest: dict):
@@ -78,9 +78,8 @@ def train(run: RunConfig) -> int:
             (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
             (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2, sort_keys=True) + "\n")
 
-        torch.manual_seed(run.train.seed)  # the same initial weights on every rank
-        model = RETRO(config)
-        apply_activation_checkpointing(model, run.train.activation_checkpointing)
+        model, num_params = build_model(config, ds_config, seed=run.train.seed,
+                                        activation_checkpointing=run.train.activation_checkpointing)
         try:
             engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, run.optim.weight_decay),
                                                    config=ds_config)
@@ -96,7 +95,7 @@ def train(run: RunConfig) -> int:
             if info.rank == 0:
                 print(f"resumed from {tag} at step {trainer.step}", flush=True)
         if info.rank == 0:
-            print(f"training {model.num_parameters / 1e6:.1f}M parameters on {info.world_size} {info.device.type} "
+            print(f"training {num_params / 1e6:.1f}M parameters on {info.world_size} {info.device.type} "
                   f"rank(s) ({info.launcher}), ZeRO {engine.zero_optimization_stage()}, {precision}, global batch "
                   f"{plan.global_batch} = {plan.micro_batch} x {plan.accumulation} x {info.world_size}, "
                   f"activation checkpointing {run.train.activation_checkpointing}", flush=True)

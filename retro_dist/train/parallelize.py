@@ -28,10 +28,12 @@ def apply_activation_checkpointing(model: RETRO, mode: str) -> int:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay matrices and embeddings; not biases, norm scales and gates, or null key/values."""
+    """AdamW groups: decay matrices and embeddings; not biases, norm scales and gates, or null key/values.
+    A parameter that ZeRO-3 partitioned as it was created is an empty 1-d placeholder: its shape is `ds_shape`."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith("null_kv") else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim < 2 or name.endswith("null_kv") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
