@@ -27,8 +27,11 @@ from pathlib import Path
 
 from retro_dist.dist import free_port
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
+# everything the demo runs ships inside the package (a checkout's retro_dist/launch is a symlink to launch/), so it
+# works the same from a clone and from `pip install .`
+PACKAGE = Path(__file__).resolve().parent
+CONFIG = PACKAGE / "configs" / "demo.yaml"
+LAUNCHER = PACKAGE / "launch" / "local.sh"
 # the corpus: these packages of the standard library's source (README, The demo, for why code and these three)
 PACKAGES = ("encodings", "email", "asyncio")
 # hash-256: a lexical embedder, the right kind for code whose neighbors are near-copies (and seconds, not minutes);
@@ -51,7 +54,7 @@ def _banner(step: str) -> None:
 
 def _run(command: list[str], *, shown: str | None = None, env: dict[str, str] | None = None) -> None:
     print(f"$ {shown or shlex.join(command)}", flush=True)
-    code = subprocess.call(command, env={**os.environ, **(env or {})}, cwd=REPO)
+    code = subprocess.call(command, env={**os.environ, **(env or {})})
     if code:
         raise DemoError(f"`{shown or shlex.join(command)}` failed with exit code {code} (its output is above)")
 
@@ -79,14 +82,12 @@ def prepare(text: Path, dataset: Path) -> None:
 
 
 def train(dataset: Path, run_dir: Path, *, nproc: int, steps: int | None) -> None:
-    launcher = REPO / "launch" / "local.sh"
-    if not launcher.is_file():
-        raise DemoError(f"{launcher} is missing: run the demo from a clone of the repository")
-    args = [f"--config={CONFIG.relative_to(REPO)}", f"--data.dataset={dataset}", f"--run_dir={run_dir}"]
+    args = [f"--config={CONFIG}", f"--data.dataset={dataset}", f"--run_dir={run_dir}"]
     if steps is not None:
         args.append(f"--train.steps={steps}")
+    # RETRO_VENV: the launcher's own default (a .venv beside it) does not hold for an installed package
     env = {"NPROC": str(nproc), "MASTER_PORT": str(free_port()), "RETRO_VENV": sys.prefix}
-    _run(["bash", str(launcher), *args], env=env, shown=f"NPROC={nproc} launch/local.sh {shlex.join(args)}")
+    _run(["bash", str(LAUNCHER), *args], env=env, shown=f"NPROC={nproc} launch/local.sh {shlex.join(args)}")
 
 
 def export(run_dir: Path, model_dir: Path) -> None:

@@ -14,7 +14,9 @@ import torch
 
 from retro_dist.config import RunConfig
 
-DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+# the package's copy of the top-level ds_configs/ (a symlink in a checkout, real files in the wheel): found the same
+# way in a checkout, an editable install and `pip install .`
+DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 # keys the run config owns: a ds_config that sets them would make a value live in two files
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
               "scheduler", "bf16", "fp16", "gradient_clipping")
