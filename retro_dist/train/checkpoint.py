@@ -43,7 +43,15 @@ def newest_whole(checkpoints: Path) -> str | None:
 
 
 def read_meta(checkpoints: Path, tag: str) -> dict[str, Any]:
+    """The completion mark of `tag`; one line if the step has no checkpoint at all, another if it is partial."""
     path = checkpoints / tag / META
+    if not (checkpoints / tag).is_dir():
+        steps = sorted(int(p.name.removeprefix("step_")) for p in checkpoints.glob("step_*")
+                       if p.name.removeprefix("step_").isdigit() and is_whole(p))
+        available = ", ".join(map(str, steps)) if steps else "none"
+        step = tag.removeprefix("step_").lstrip("0") or "0"
+        raise ValueError(f"checkpoint step {step} does not exist in {checkpoints} (available steps: {available}); "
+                         f"pass one of them")
     if not path.is_file():
         raise ValueError(f"checkpoint {checkpoints / tag} is not whole (no {META}): it was interrupted while saving; "
                          f"resume from another tag or use --checkpoint.resume=auto")
