@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench clean system-packages
 
 venv: $(STAMP)
 
@@ -22,7 +22,12 @@ $(STAMP): requirements.txt requirements-test.txt requirements-reference.txt pypr
 demo: $(STAMP)
 	$(PY) -m retro_dist.demo --out runs/demo
 
-test: $(STAMP)
+# Open MPI and SLURM for the tests that use them, installed where that is possible (root with apt-get), else named
+# with the command that installs them; before the venv, which builds mpi4py against Open MPI
+system-packages:
+	@bash tools/system_packages.sh
+
+test: system-packages $(STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -28,3 +28,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The tests skipped for lack of Open MPI or SLURM, named again at the very end of a long run with the one command
+    that enables them (`make test` installs the packages itself where it can: as root, with apt-get)."""
+    skipped = []
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if any(word in reason for word in ("mpirun", "SLURM", "slurmd")):
+            skipped.append(report.nodeid)
+    if skipped:
+        terminalreporter.section("skipped for lack of Open MPI / SLURM")
+        for nodeid in skipped:
+            terminalreporter.write_line(nodeid)
+        terminalreporter.write_line("enable them with: sudo tools/system_packages.sh   (then `make test` as root: the "
+                                    "SLURM tests start slurmd and munged)")
