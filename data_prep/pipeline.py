@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from retro_dist.data.format import STAGES, DatasetError, file_sha256, load_manifest
+from retro_dist.lock import DirectoryLock, LockHeld, hold_directory, pid_alive
 
 from . import config as config_mod
 from . import embed, index, neighbors, shard, tokenize
@@ -46,8 +48,16 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, stages: list[str]) -> None:
     root = Path(args.out)
-    root.mkdir(parents=True, exist_ok=True)
     world = World()
+    lock = lock_dataset(root, world)
+    try:
+        _run_stages(root, world, args, stages)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_stages(root: Path, world: World, args: argparse.Namespace, stages: list[str]) -> None:
     _set_threads(world)
     stored = load_manifest(root, required=False).get("config")
     config = config_mod.resolve(stored, args)
@@ -59,6 +69,37 @@ def run(args: argparse.Namespace, stages: list[str]) -> None:
             extra = (inputs_fingerprint(config.inputs), file_sha256(config.tokenizer) if config.tokenizer
                      and Path(config.tokenizer).is_file() else None)
         run_stage(stage, root, config, world, RUNS[stage], extra_fingerprint=extra, force=args.force)
+
+
+def lock_dataset(root: Path, world: World) -> DirectoryLock | None:
+    """Rank 0 takes the dataset directory's lock before anything is written and, holding it, removes what killed
+    runs left; every rank learns the outcome, so all of them refuse with the same line."""
+    lock, refusal = None, None
+    if world.is_main:
+        try:
+            lock = hold_directory(root, "prepare")
+            remove_stale_temporaries(root)
+        except LockHeld as e:
+            refusal = str(e)
+    refusal = world.bcast(refusal)
+    if refusal is not None:
+        raise LockHeld(refusal)
+    return lock
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    """What killed runs left: shard's swap directories (named by fingerprint, never reused by a rerun with other
+    options) and atomic writers' `.NAME.tmp-PID` files of dead processes. Only called under the dataset lock, so no
+    other prepare is writing here; a temporary of a live pid is kept anyway (a pid is reused only after its end)."""
+    for path in [*root.glob(".shards.tmp-*"), *root.glob(".shards.old-*")]:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in root.rglob(".*.tmp-*"):
+        pid = path.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _set_threads(world: World) -> None:

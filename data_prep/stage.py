@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from retro_dist.data.format import STAGES, fingerprint, load_manifest, require_stage, save_manifest
+from retro_dist.data.format import STAGES, atomic_path, fingerprint, load_manifest, require_stage, save_manifest
 
 from .config import PrepareConfig
 from .parallel import World
@@ -58,6 +58,8 @@ def run_stage(stage: str, root: Path, config: PrepareConfig, world: World,
     """Run `work` unless the stage is done with the same fingerprint. Returns whether it ran.
 
     Redoing a stage clears the done flag of every later stage first: their outputs were made from the old ones.
+    A stage that fails before it changed any output (bad input found by its first checks: an empty --input, too
+    little text) puts the manifest back byte for byte: a refused run must not undo a finished dataset.
     """
     manifest = load_manifest(root, required=stage != "tokenize")
     prev = upstream(stage)
@@ -70,7 +72,10 @@ def run_stage(stage: str, root: Path, config: PrepareConfig, world: World,
             print(f"[{stage}] up to date (fingerprint {fp[:12]}), skipped", flush=True)
         return False
     world.barrier()  # every rank has read the manifest before rank 0 changes it
+    before = kept = None
     if world.is_main:
+        before = outputs_signature(root)
+        kept = (root / "manifest.json").read_bytes() if (root / "manifest.json").is_file() else None
         for later in STAGES[STAGES.index(stage):]:
             manifest["stages"].setdefault(later, {})["done"] = False
         manifest["config"] = config.to_dict()
@@ -84,6 +89,8 @@ def run_stage(stage: str, root: Path, config: PrepareConfig, world: World,
     except Exception as e:  # noqa: BLE001 - reported by every rank below, re-raised on this one
         error = e
     first = world.gather_errors(error)
+    if first is not None and world.is_main and outputs_signature(root) == before:
+        restore_manifest(root, kept)
     if error is not None:
         raise error
     if first is not None:
@@ -98,3 +105,28 @@ def run_stage(stage: str, root: Path, config: PrepareConfig, world: World,
         print(f"[{stage}] done in {wall:.1f}s: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
     world.barrier()
     return True
+
+
+def outputs_signature(root: Path) -> set[tuple[str, int, int, int]]:
+    """Name, inode, size and mtime of every output file of the dataset directory: the manifest and hidden work
+    (temporaries, parts, the lock) left out. Stages replace outputs by rename or write them in place, so any
+    change to an output changes this."""
+    found = set()
+    for path in root.rglob("*"):
+        relative = path.relative_to(root)
+        if relative.name == "manifest.json" or any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.is_file():
+            st = path.stat()
+            found.add((str(relative), st.st_ino, st.st_size, st.st_mtime_ns))
+    return found
+
+
+def restore_manifest(root: Path, kept: bytes | None) -> None:
+    """The manifest as it was before the stage started (absent if there was none)."""
+    path = root / "manifest.json"
+    if kept is None:
+        path.unlink(missing_ok=True)
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(kept)

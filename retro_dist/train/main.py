@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+from retro_dist.atomic import write_text_atomic
 from retro_dist.config import RunConfig, load_run_config
 from retro_dist.data.format import DatasetError, load_manifest
 from retro_dist.data.loader import check_compatible
 from retro_dist.dist import DistInitError
+from retro_dist.lock import LockHeld, hold_directory
 from retro_dist.model.presets import preset_config
 
 from .build import build_model
@@ -39,17 +41,37 @@ def resume_target(run: RunConfig) -> str | None:
     return mode
 
 
+def lock_run_dir(run_dir: Path, rank: int):
+    """Rank 0 takes the run directory's lock (one job, however many nodes, is one holder); every rank learns the
+    outcome through the process group, so all of them refuse with the same line."""
+    import torch.distributed as dist
+
+    lock, refusal = None, [None]
+    if rank == 0:
+        try:
+            lock = hold_directory(run_dir, "training")
+        except LockHeld as e:
+            refusal = [str(e)]
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise LockHeld(refusal[0])
+    return lock
+
+
 def train(run: RunConfig) -> int:
     import deepspeed
     import torch.distributed as dist
 
     from retro_dist.dist import init_distributed
+    from retro_dist.parent_watch import watch_parent
 
     from .trainer import Trainer
 
     info = init_distributed(run.train.dist_timeout_s)
+    watch_parent(info.launcher)
     trainer = None
     try:
+        lock = lock_run_dir(Path(run.run_dir), info.rank)  # noqa: F841 - held until the process exits
         manifest = load_manifest(run.data.dataset)
         if not manifest.get("stages", {}).get("shard", {}).get("done"):
             raise DatasetError(f"{run.data.dataset} is incomplete: finish `retro-dist prepare` first")
@@ -70,13 +92,6 @@ def train(run: RunConfig) -> int:
                 convert_to_universal(run_dir / "checkpoints", tag, zero_stage=meta["zero_stage"])
             dist.barrier()
         ds_config = build_ds_config(run, settings, plan, precision, load_universal=universal)
-        if info.rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            resolved = run.to_dict() | {"resolved": {"model": config.to_dict(), "world_size": info.world_size,
-                                                     "accumulation": plan.accumulation,
-                                                     "global_batch": plan.global_batch, "precision": precision}}
-            (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
-            (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2, sort_keys=True) + "\n")
 
         model, num_params = build_model(config, ds_config, seed=run.train.seed,
                                         activation_checkpointing=run.train.activation_checkpointing)
@@ -94,6 +109,12 @@ def train(run: RunConfig) -> int:
             trainer.restore(trainer.checkpointer.load(tag, universal=universal))
             if info.rank == 0:
                 print(f"resumed from {tag} at step {trainer.step}", flush=True)
+        if info.rank == 0:  # only now: a refused resume (other dataset, other model shape) leaves the run as it was
+            resolved = run.to_dict() | {"resolved": {"model": config.to_dict(), "world_size": info.world_size,
+                                                     "accumulation": plan.accumulation,
+                                                     "global_batch": plan.global_batch, "precision": precision}}
+            write_text_atomic(run_dir / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+            write_text_atomic(run_dir / "ds_config.json", json.dumps(ds_config, indent=2, sort_keys=True) + "\n")
         if info.rank == 0:
             print(f"training {num_params / 1e6:.1f}M parameters on {info.world_size} {info.device.type} "
                   f"rank(s) ({info.launcher}), ZeRO {engine.zero_optimization_stage()}, {precision}, global batch "
@@ -121,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"unexpected arguments {bad}: overrides look like --section.key=value")
         run = load_run_config(args.config, overrides)
         code = train(run)
-    except (ValueError, FileNotFoundError, DatasetError, DistInitError) as e:
+    except (ValueError, FileNotFoundError, DatasetError, DistInitError, LockHeld) as e:
         print(f"retro-dist train: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         code = 2
     except Exception:  # noqa: BLE001 - a crash: full traceback, then a non-zero exit through the same teardown

@@ -57,15 +57,17 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class Metrics:
-    """Rank 0's TensorBoard writer (None elsewhere or when disabled)."""
+    """Rank 0's TensorBoard writer (None elsewhere or when disabled), opened at the first scalar: SummaryWriter
+    creates its event file at once, and a refused resume must write nothing into the run directory."""
 
     def __init__(self, run_dir: Path, *, enabled: bool):
         self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.directory = Path(run_dir) / "tensorboard" if enabled else None
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None and self.directory is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.directory))
         if self.writer is not None:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
