@@ -57,10 +57,30 @@ def _prepare(args: argparse.Namespace) -> None:
         raise SystemExit(code)
 
 
+def _size(text: str) -> int:
+    """A byte count: 2GB, 500MB, 1.5GiB or plain bytes (the hub's decimal units, binary with an i)."""
+    units = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    number = text.strip()
+    for unit in sorted(units, key=len, reverse=True):
+        if unit and number.upper().endswith(unit):
+            number, scale = number[:-len(unit)], units[unit]
+            break
+    else:
+        scale = 1
+    try:
+        size = int(float(number) * scale)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write e.g. 2GB, 500MB or 1GiB")
+    return size
+
+
 def _export(args: argparse.Namespace) -> None:
     from retro_dist.train.export import export
-    out = export(args.run_dir, args.out or Path(args.run_dir) / "export", step=args.step, dtype=args.dtype)
-    print(f"exported {out} (config.json, model.safetensors, tokenizer.json)")
+    out = export(args.run_dir, args.out or Path(args.run_dir) / "export", step=args.step, dtype=args.dtype,
+                 max_shard_size=args.max_shard_size)
+    print(f"exported {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -107,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="output model directory (default: RUN/export)")
     export.add_argument("--step", type=int, help="the checkpoint's step (default: the newest whole one)")
     export.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights dtype")
+    export.add_argument("--max-shard-size", type=_size, default="2GB",
+                        help="above this, model-0000K-of-0000N.safetensors + model.safetensors.index.json")
     export.set_defaults(run=_export)
 
     evaluate = sub.add_parser("eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

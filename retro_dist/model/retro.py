@@ -304,16 +304,18 @@ class RETRO(nn.Module):
 
     # weights -------------------------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json and model.safetensors into `directory`, each atomically."""
-        from retro_dist.pretrained import save_pretrained
-        save_pretrained(self.config.to_dict(), self.state_dict(), directory)
+    def save_pretrained(self, directory: str | Path, *, max_shard_size: int | None = None) -> None:
+        """Write config.json and the weights into `directory`, each atomically: model.safetensors, or shards +
+        model.safetensors.index.json above `max_shard_size` bytes (default 2 GB)."""
+        from retro_dist.pretrained import DEFAULT_MAX_SHARD_SIZE, save_pretrained
+        save_pretrained(self.config.to_dict(), self.state_dict(), directory,
+                        max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu") -> "RETRO":
         from retro_dist.pretrained import load_pretrained
-        config_dict, state = load_pretrained(directory, device=device)
+        config_dict, state = load_pretrained(directory, device=device)  # either form: one file or sharded
         model = cls(RetroConfig.from_dict(config_dict)).to(device)
         model.load_state_dict(state, strict=True)
         if dtype is not None:
