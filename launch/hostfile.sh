@@ -13,12 +13,30 @@ set -euo pipefail
 VENV=${RETRO_VENV:-$(cd "$(dirname "$0")/.." && pwd)/.venv}
 : "${HOSTFILE:?set HOSTFILE to a DeepSpeed hostfile (lines of: hostname slots=N)}"
 : "${MASTER_ADDR:?set MASTER_ADDR to the first host of the hostfile}"
-[ -f "$HOSTFILE" ] || { echo "launch/hostfile.sh: error: hostfile $HOSTFILE does not exist" >&2; exit 2; }
+die() { echo "launch/hostfile.sh: error: $*" >&2; exit 2; }
+[ -f "$HOSTFILE" ] || die "hostfile $HOSTFILE does not exist"
+# DeepSpeed's own parser stops on a bad line with a traceback (and accepts slots=0 and trailing words): check each
+# line here first and name the file, the line and what is wrong.
+problem=$(awk '
+  function fail(msg) { print "line " NR ": " msg; failed = 1; exit }
+  /^[ \t]*(#.*)?$/ { next }
+  $0 !~ /^[ \t]*[^ \t#]+[ \t]+slots=[0-9]+[ \t]*$/ {
+    fail("\"" $0 "\" is not \"hostname slots=N\" (N: how many ranks to start on that host)") }
+  { n = substr($2, 7) + 0 }
+  n < 1 { fail("host " $1 " has slots=" n ": give it at least 1 slot, or remove the line") }
+  $1 in first { fail("host " $1 " is listed twice (also on line " first[$1] "): keep one line per host") }
+  { first[$1] = NR; hosts++ }
+  END { if (!failed && hosts == 0) print "has no hosts: write one line per host, \"hostname slots=N\"" }
+' "$HOSTFILE") || die "cannot read hostfile $HOSTFILE"
+[ -z "$problem" ] || die "hostfile $HOSTFILE $problem"
 command -v nvidia-smi >/dev/null 2>&1 || export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 extra=()
 if [ "${NO_SSH:-0}" = 1 ]; then
   : "${NODE_RANK:?NO_SSH=1 needs NODE_RANK (0 on the first host)}"
+  hosts=$(grep -cvE '^[[:space:]]*(#|$)' "$HOSTFILE")
+  [[ "$NODE_RANK" =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "$hosts" ] ||
+    die "NODE_RANK=$NODE_RANK but hostfile $HOSTFILE lists $hosts hosts: give each node its position among them, 0 to $((hosts - 1))"
   extra=(--no_ssh --node_rank "$NODE_RANK")
 fi
 exec "$VENV/bin/deepspeed" --hostfile "$HOSTFILE" "${extra[@]}" --master_addr "$MASTER_ADDR" \
