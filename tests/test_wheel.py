@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -40,21 +41,26 @@ def _run(command: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    """The wheel, built without build isolation (the project venv's setuptools) from a copy of the sources: building
-    in the repository would reuse its build/ directory, whose stale files setuptools puts into the wheel."""
-    root = tmp_path_factory.mktemp("wheel")
-    src = root / "src"
-    src.mkdir()
+def sources(tmp_path_factory) -> Path:
+    """A copy of what the build reads, symlinks kept as symlinks: building in the repository would reuse its build/
+    directory, whose stale files setuptools puts into the wheel."""
+    src = tmp_path_factory.mktemp("src")
     for name in SOURCES:
         path = REPO / name
         if path.is_dir():
             shutil.copytree(path, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(path, src / name)
+    return src
+
+
+@pytest.fixture(scope="module")
+def wheel(sources, tmp_path_factory) -> Path:
+    """The wheel, built without build isolation (the project venv's setuptools, no download)."""
+    dist = tmp_path_factory.mktemp("dist")
     _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir",
-          str(root / "dist"), str(src)], cwd=root)
-    [built] = (root / "dist").glob("retro_dist-*.whl")
+          str(dist), str(sources)], cwd=dist)
+    [built] = dist.glob("retro_dist-*.whl")
     return built
 
 
@@ -107,6 +113,20 @@ def test_wheel_carries_the_default_configs_and_the_demo_launcher(wheel):
             assert z.read(packaged) == path.read_bytes(), packaged
         assert "retro_dist/configs/demo.yaml" in names
         assert "data_prep/__main__.py" in names
+
+
+def test_sdist_carries_the_files_not_links(sources, tmp_path):
+    """The sdist (what `pip install retro-dist` builds from) holds the same files as regular files: a wheel built from
+    it has them too."""
+    _run([sys.executable, "-c", "import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])",
+          str(tmp_path)], cwd=sources)
+    [sdist] = tmp_path.glob("retro_dist-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        members = {m.name.split("/", 1)[1]: m for m in tar.getmembers() if "/" in m.name}
+        for path in sorted((REPO / "ds_configs").glob("*.json")) + [REPO / "launch" / "local.sh"]:
+            member = members.get(f"retro_dist/{path.relative_to(REPO)}")
+            assert member is not None and member.isfile(), f"retro_dist/{path.relative_to(REPO)} in {sdist.name}"
+            assert tar.extractfile(member).read() == path.read_bytes(), member.name
 
 
 def test_installed_package_is_the_wheel(venv, outside):
