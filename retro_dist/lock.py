@@ -3,15 +3,19 @@
     lock = hold_directory(run_dir, "training")   # LockHeld (one line naming the holder) if another job has it
     ...                                          # keep `lock` referenced: the lock lasts as long as the process
 
-The lock is flock(2) on `DIR/.lock`, so it disappears with its holder, however that dies (kill -9, node reboot):
-there is no stale lock to clean by hand. The file itself stays (removing it would let two jobs lock two different
-files of one name); it holds the holder's host, pid, start time and command, which a refused job prints.
+The lock is a POSIX record lock (fcntl F_SETLK through fcntl.lockf) on `DIR/.lock`, so it disappears with its
+holder, however that dies (kill -9, node reboot): there is no stale lock to clean by hand. A record lock belongs to
+the process, not to the open file: a forked child (a DataLoader worker) does not inherit it and cannot keep it alive
+after the holder died, as it would keep an flock(2) lock. Its one trap, that closing any descriptor of the file
+releases the lock, is avoided by opening the file only here. The file itself stays (removing it would let two jobs
+lock two different files of one name); it holds the holder's host, pid, start time and command, which a refused
+job prints.
 
-Shared filesystems: on NFSv4 (and NFSv3 with lockd) Linux maps flock onto fcntl byte-range locks, which the server
-arbitrates across clients, so the lock holds between nodes. Lustre grants flock across clients only when mounted
-with `-o flock`; with `-o localflock` the lock is local to each node (two jobs on two nodes both get it), and with
-neither the call fails with ENOSYS. Where flock is unsupported we fall back to the holder record: a holder on this
-host whose pid is alive refuses the job, one on another host cannot be checked and is taken over with a warning.
+Shared filesystems: NFS (v4, or v3 with lockd) arbitrates record locks on the server, so the lock holds between
+nodes. Lustre grants them across clients only when mounted with `-o flock`; with `-o localflock` the lock is local
+to each node (two jobs on two nodes both get it), and with neither the call fails with ENOSYS. Where locking is
+unsupported we fall back to the holder record: a holder on this host whose pid is alive refuses the job, one on
+another host cannot be checked and is taken over with a warning.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class LockHeld(RuntimeError):
 
 
 class DirectoryLock:
-    """An open, flock-ed lock file; closing it (or the process ending) releases the lock."""
+    """An open, locked lock file; closing it (or the process ending) releases the lock."""
 
     def __init__(self, fd: int, path: Path, *, enforced: bool):
         self.fd, self.path, self.enforced = fd, path, enforced
@@ -66,12 +70,11 @@ def hold_directory(directory: str | Path, job: str) -> DirectoryLock:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
-    # O_CLOEXEC (Python's default): a subprocess we exec does not inherit the lock and outlive us holding it
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     enforced = True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
         holder = _read(fd) or "a job that is still starting"
         os.close(fd)
         raise LockHeld(f"{directory} is in use by another {job} job ({holder}): wait for it to finish or stop it; "
@@ -92,7 +95,7 @@ def _read(fd: int) -> str:
 
 
 def _check_record(fd: int, directory: Path, job: str) -> None:
-    """The fallback without flock: refuse when the recorded holder runs on this host; warn when it is elsewhere."""
+    """The fallback without file locks: refuse when the recorded holder runs on this host; warn when it is elsewhere."""
     record = _read(fd)
     fields = dict(part.split(" ", 1) for part in record.split(", ")[:2] if " " in part)
     if not record or fields.get("host") is None or not fields.get("pid", "").isdigit():
@@ -102,5 +105,5 @@ def _check_record(fd: int, directory: Path, job: str) -> None:
             os.close(fd)
             raise LockHeld(f"{directory} is in use by another {job} job ({record}): wait for it to finish or stop it")
         return
-    print(f"warning: the filesystem of {directory} does not support flock, so the lock cannot be checked across "
+    print(f"warning: the filesystem of {directory} does not support file locks, so the lock cannot be checked across "
           f"nodes; it was last held by {record}: make sure that job has ended", file=sys.stderr, flush=True)

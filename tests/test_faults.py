@@ -165,7 +165,14 @@ def test_a_second_training_on_the_run_directory_is_refused_and_the_first_goes_on
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
 
 
-def test_a_second_prepare_on_the_dataset_is_refused_in_one_line(corpus, tmp_path):
+MPIRUN = shutil.which("mpirun")
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_btl": "self,tcp",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+
+
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.skipif(
+    MPIRUN is None, reason="mpirun not installed (apt-get install openmpi-bin; .ci/run does)"))])
+def test_a_second_prepare_on_the_dataset_is_refused_in_one_line(corpus, tmp_path, ranks):
     out = tmp_path / "ds"
     log = tmp_path / "first.log"
     with open(log, "w") as f:
@@ -174,11 +181,16 @@ def test_a_second_prepare_on_the_dataset_is_refused_in_one_line(corpus, tmp_path
     try:
         wait_for(lambda: f"pid {first.pid}," in _text(out / ".lock") or first.poll() is not None, "the first lock")
         first.send_signal(signal.SIGSTOP)
-        second = run(prepare_cmd("--input", str(corpus), "--out", str(out), *PREP))
+        cmd = prepare_cmd("--input", str(corpus), "--out", str(out), *PREP)
+        second = subprocess.run(cmd if ranks == 1 else [MPIRUN, "-np", str(ranks), *cmd], env={**env(), **MPI_ENV},
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
         first.send_signal(signal.SIGCONT)
-        assert second.returncode == 2
-        [line] = second.stderr.strip().splitlines()
-        assert "in use by another prepare job" in line and f"pid {first.pid}," in line, line
+        assert second.returncode != 0
+        lines = error_lines(second.stderr, "retro-dist prepare")
+        assert len(lines) == ranks and len(set(lines)) == 1, second.stderr[-3000:]  # every rank, the same line
+        assert "in use by another prepare job" in lines[0] and f"pid {first.pid}," in lines[0], lines[0]
+        if ranks == 1:
+            assert second.returncode == 2 and second.stderr.strip() == lines[0]  # nothing but that line
         assert first.wait(timeout=300) == 0, log.read_text()[-3000:]
     finally:
         if first.poll() is None:
