@@ -4,11 +4,16 @@ One function, `init_distributed`, reads whichever environment it finds, maps it 
 LOCAL_RANK / MASTER_ADDR / MASTER_PORT (the names torch and DeepSpeed read), and initialises the process group with
 the backend of the device (nccl on GPU, gloo on CPU) and a timeout, so that a dead rank fails the others instead of
 hanging them. Under SLURM it never lets every task believe it is rank 0 of 1 (DeepSpeed never reads SLURM_*).
+
+A single-node run (MASTER_ADDR on loopback) keeps its rendezvous off the network: torch's TCPStore server listens
+on every interface whatever host it is given, so rank 0 binds the listening socket to loopback itself and hands it
+to the store. Under torchrun the agent hosts the store (on every interface; torchrun offers no bind address).
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import socket
 import subprocess
@@ -91,6 +96,35 @@ def discover(env: dict[str, str] | None = None) -> tuple[dict[str, str], str]:
     return mapped, launcher
 
 
+def loopback_host(addr: str) -> str | None:
+    """The address to bind the rendezvous to when MASTER_ADDR names this machine's loopback, else None."""
+    if addr == "localhost":
+        return "127.0.0.1"
+    try:
+        return addr if ipaddress.ip_address(addr).is_loopback else None
+    except ValueError:  # a host name: another node may be connecting to it
+        return None
+
+
+def _loopback_store(mapped: dict[str, str], timeout: datetime.timedelta):
+    """Rank 0's TCPStore on a socket bound to loopback, or None where rank 0 does not host the store on loopback."""
+    host = loopback_host(mapped["MASTER_ADDR"])
+    if host is None or mapped["RANK"] != "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return None
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's own server socket
+        sock.bind((host, int(mapped["MASTER_PORT"])))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    store = torch.distributed.TCPStore(host, int(mapped["MASTER_PORT"]), int(mapped["WORLD_SIZE"]), is_master=True,
+                                       timeout=timeout, master_listen_fd=sock.detach())
+    # the prefix torch adds to the store of an env:// rendezvous (what the other ranks use), not to a given store
+    return torch.distributed.PrefixStore("default_pg", store)
+
+
 def init_distributed(timeout_s: int = 300) -> DistInfo:
     mapped, launcher = discover()
     os.environ.update(mapped)
@@ -101,9 +135,14 @@ def init_distributed(timeout_s: int = 300) -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     import deepspeed  # the trainer's dependency, not the model's
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s),
+        store = _loopback_store(mapped, timeout)
+        if store is not None:  # DeepSpeed takes no store: form the group here, DeepSpeed then adopts it
+            world = int(mapped["WORLD_SIZE"])
+            torch.distributed.init_process_group(backend, store=store, rank=0, world_size=world, timeout=timeout,
+                                                 **({"device_id": device} if backend == "nccl" and world > 1 else {}))
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
                                    distributed_port=int(mapped["MASTER_PORT"]))
     except Exception as e:  # noqa: BLE001 - torch raises several types here (DistNetworkError, RuntimeError, ...)
         detail = " ".join(str(e).split())[:200]
