@@ -15,7 +15,7 @@ import pytest
 from data_prep.corpora import stdlib_docstrings, write_corpus
 from data_prep.pipeline import main as prepare
 from tests import slurm_cluster
-from tests.train_helpers import ROOT, env, free_port, losses
+from tests.train_helpers import ROOT, children, env, free_port, kill_tree, losses
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -43,7 +43,7 @@ def launch(script: str, args: list[str], extra_env: dict[str, str], timeout: int
 
 @pytest.fixture(scope="module")
 def local_losses(dataset, tmp_path_factory):
-    result = launch("local.sh", run_args(dataset, tmp_path_factory.mktemp("local") / "run"),
+    result = launch("local.sh", run_args(dataset, tmp_path_factory.mktemp("local") / "local run"),
                     {"NPROC": "2", "MASTER_PORT": str(free_port())})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "on 2 cpu rank(s) (torch)" in result.stdout
@@ -57,11 +57,12 @@ def test_deepspeed_launcher_two_processes(local_losses):
 
 
 def test_two_nodes_emulated_equal_one_node(dataset, local_losses, tmp_path):
-    """Two deepspeed launchers without ssh, node ranks 0 and 1, rendezvous on 127.0.0.1."""
+    """Two deepspeed launchers without ssh, node ranks 0 and 1, rendezvous on 127.0.0.1. The run directories of the
+    launcher tests have spaces in their names: every launcher passes each argument through as one word."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = str(free_port())
-    procs = [subprocess.Popen([str(ROOT / "launch" / "hostfile.sh"), *run_args(dataset, tmp_path / "run")],
+    procs = [subprocess.Popen([str(ROOT / "launch" / "hostfile.sh"), *run_args(dataset, tmp_path / "hostfile run")],
                               env={**env(), "HOSTFILE": str(hostfile), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                                    "NO_SSH": "1", "NODE_RANK": str(rank)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -73,10 +74,45 @@ def test_two_nodes_emulated_equal_one_node(dataset, local_losses, tmp_path):
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (apt-get install openmpi-bin)")
 def test_mpirun_two_ranks(dataset, local_losses, tmp_path):
-    result = launch("mpirun.sh", run_args(dataset, tmp_path / "run"), {"NP": "2", "MASTER_PORT": str(free_port())})
+    result = launch("mpirun.sh", run_args(dataset, tmp_path / "mpi run"), {"NP": "2", "MASTER_PORT": str(free_port())})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 cpu rank(s) (mpi)" in result.stdout
     assert losses(result.stdout) == local_losses
+
+
+def _tree(pid: int) -> list[int]:
+    return [pid] + [p for child in children(pid) for p in _tree(child)]
+
+
+def _listening(pids: list[int]) -> set[str]:
+    """Local addresses (host:port) of the TCP sockets these processes listen on, as `ss -ltnp` shows them."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[3] for line in out.splitlines()
+            if any(f"pid={pid}," in line for pid in pids)}
+
+
+@pytest.mark.parametrize("how", ["retro-dist train", "launch/local.sh"])
+def test_single_node_rendezvous_listens_on_loopback_only(dataset, how, tmp_path):
+    """A one-node run opens no port to the network: the rendezvous store (rank 0's) and every other listening
+    socket of the run is bound to loopback, not to *:PORT."""
+    args = run_args(dataset, tmp_path / "run", "--train.steps=12", "--checkpoint.every=1000")
+    cmd = ([str(ROOT / ".venv" / "bin" / "python"), "-m", "retro_dist.cli", "train", *args] if how == "retro-dist train"
+           else [str(ROOT / "launch" / "local.sh"), *args])
+    log = tmp_path / "log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, env={**env(), "NPROC": "2", "MASTER_PORT": str(free_port())}, stdout=sink,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and proc.poll() is None and "step 2/" not in log.read_text():
+                time.sleep(0.1)
+            addresses = _listening(_tree(proc.pid))
+            assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc.pid, 9)
+    assert addresses, "no listening socket found: the rendezvous store was not seen"
+    assert all(a.startswith(("127.", "[::1]:")) for a in addresses), addresses
 
 
 def test_bad_input_fails_fast_with_one_line(dataset, tmp_path):
@@ -95,6 +131,24 @@ def test_bad_input_fails_fast_with_one_line(dataset, tmp_path):
         errors = {l for l in (result.stdout + result.stderr).splitlines() if "retro-dist train: error:" in l}
         assert result.returncode != 0 and time.monotonic() - start < 120
         assert errors and all(message in e for e in errors), (message, result.stderr[-2000:])
+
+
+@pytest.mark.parametrize("content,node_rank,message", [
+    ("node0 slots=1\nnode1 slot=2\n", "0", 'line 2: "node1 slot=2" is not "hostname slots=N"'),
+    ("node0 slots=0\n", "0", "line 1: host node0 has slots=0"),
+    ("# two nodes\nnode0 slots=1\nnode0 slots=2\n", "0", "line 3: host node0 is listed twice (also on line 2)"),
+    ("# nothing yet\n", "0", "has no hosts"),
+    ("node0 slots=1\nnode1 slots=1\n", "2", "NODE_RANK=2 but hostfile"),
+], ids=["syntax", "zero-slots", "duplicate", "empty", "node-rank"])
+def test_bad_hostfile_is_one_line_naming_file_and_line(content, node_rank, message, tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(content)
+    result = launch("hostfile.sh", ["--model.preset=tiny"], {"HOSTFILE": str(hostfile), "MASTER_ADDR": "127.0.0.1",
+                                                             "NO_SSH": "1", "NODE_RANK": node_rank}, timeout=120)
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stdout + result.stderr[-3000:]
+    assert lines[0].startswith(f"launch/hostfile.sh: error: hostfile {hostfile}") or "NODE_RANK" in message
+    assert message in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -125,35 +179,76 @@ def test_slurm_two_nodes(dataset, local_losses, slurm, tmp_path):
     assert losses(log) == local_losses
 
 
-def test_slurm_warning_signal_checkpoints_requeues_and_finishes(dataset, slurm, tmp_path):
+RESUME_STEPS = 60  # long enough that the signal, sent after step 8, lands well before the end
+
+
+def resume_args(dataset: Path, run_dir: Path) -> list[str]:
+    """DataLoader workers on (the signal reaches them too), a global batch that 1 and 2 ranks both divide."""
+    return run_args(dataset, run_dir, "--data.num_workers=1", "--train.global_batch=4",
+                    f"--train.steps={RESUME_STEPS}", "--checkpoint.every=1000")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_losses(dataset, tmp_path_factory):
+    """The curve every interrupted run below must continue: 2 ranks, no signal."""
+    result = launch("local.sh", resume_args(dataset, tmp_path_factory.mktemp("uninterrupted") / "run"),
+                    {"NPROC": "2", "MASTER_PORT": str(free_port())})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    found = losses(result.stdout)
+    assert sorted(found) == list(range(1, RESUME_STEPS + 1))
+    return found
+
+
+@pytest.mark.parametrize("tasks,scancel", [("per-rank", ["--signal=TERM"]), ("per-node", ["--batch", "--signal=USR1"])],
+                         ids=["per-rank-TERM", "per-node-USR1-to-the-script"])
+def test_slurm_signal_checkpoints_requeues_and_resumes(dataset, uninterrupted_losses, slurm, tasks, scancel,
+                                                       tmp_path):
+    """Preemption as SLURM delivers it. per-rank: srun starts the ranks; SIGTERM as `scancel --signal=TERM` sends it,
+    to every process of the job step, DataLoader workers included; the job comes back on 1 node instead of 2
+    (1 rank with accumulation 2 instead of 2 ranks). per-node: one torchrun per node, a run directory with spaces
+    in its name; the warning signal as --signal=B:USR1@T sends it, to the batch script alone, which passes it on to
+    every process of the step (torchrun included, as --signal=USR1@T would); the job comes back on the same 2 nodes.
+    Either way the ranks save and exit 75, the script requeues the job, and the requeued job continues the
+    uninterrupted curve at every later step."""
     out = tmp_path / "job.out"
-    cluster_env = {**slurm, **env(), "SLURM_CONF": slurm["SLURM_CONF"]}
+    cluster_env = {**slurm, **env(), "SLURM_CONF": slurm["SLURM_CONF"], "RETRO_TASKS": tasks, "NPROC_PER_NODE": "1"}
+    run_dir = tmp_path / ("slurm per node" if tasks == "per-node" else "run")
     submitted = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--time=10",
                                 f"--output={out}", str(ROOT / "launch" / "slurm" / "train.sbatch"),
-                                *run_args(dataset, tmp_path / "run", "--train.steps=400", "--checkpoint.every=1000",
-                                          "--logging.every=5")],
+                                *resume_args(dataset, run_dir)],
                                env=cluster_env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
+    log = lambda: out.read_text() if out.exists() else ""  # noqa: E731
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not re.search(r"^step (1[5-9]|[2-9]\d)/", out.read_text() if out.exists() else "", re.M):
-        time.sleep(0.2)
-    # what --signal=USR1@120 delivers before the time limit: USR1 to every task of the job's steps
-    subprocess.run(["scancel", "--signal=USR1", job], env=cluster_env, check=True)
+    while time.monotonic() < deadline and not re.search(r"^step ([8-9]|\d\d)/", log(), re.M) and \
+            not _job_done(job, cluster_env):
+        time.sleep(0.1)
+    subprocess.run(["scancel", *scancel, job], env=cluster_env, check=True)
     deadline = time.monotonic() + 240
-    released = False
-    while time.monotonic() < deadline and not (out.exists() and "step 400/400" in out.read_text()
-                                                and _job_done(job, cluster_env)):
-        if not released and "requeueing job" in out.read_text():
-            # slurmctld holds a requeued job back (BeginTime) for about two minutes; no need to wait here
-            time.sleep(1)
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster_env)
-            released = True
+    while time.monotonic() < deadline:
+        if _job_done(job, cluster_env) and ("requeueing job" not in log() or "restart 1" in log()):
+            break  # finished, or failed without a requeue (a requeued job waits as PENDING)
+        if "requeueing job" in log() and "restart 1" not in log():
+            # slurmctld holds a requeued job back (BeginTime) for about two minutes: release it now (again until it
+            # starts: an update while the job still completes does not hold), per-rank on another allocation
+            update = ["scontrol", "update", f"JobId={job}", "StartTime=now"]
+            if tasks == "per-rank":
+                update += ["NumNodes=1", "NumTasks=1"]
+            subprocess.run(update, env=cluster_env, capture_output=True)
+            time.sleep(1.5)
         time.sleep(0.5)
-    log = out.read_text()
-    assert "checkpoint saved, exit code 75" in log and "requeueing job" in log, log[-3000:]
-    assert "restart 1" in log and re.search(r"resumed from step_\d{8} at step \d+", log)
-    assert "step 400/400" in log
+    text = log()
+    assert "checkpoint saved, exit code 75" in text and "requeueing job" in text, text[-3000:]
+    assert "restart 1" in text, text[-3000:]
+    resumed = re.search(r"resumed from step_\d{8} at step (\d+)", text)
+    assert resumed and f"step {RESUME_STEPS}/{RESUME_STEPS}" in text, text[-3000:]
+    if tasks == "per-rank":
+        assert "on 1 cpu rank(s) (slurm)" in text.split("restart 1")[1], text[-3000:]
+    after = {step: loss for step, loss in losses(text.split("restart 1")[1]).items()}
+    assert sorted(after) == list(range(int(resumed.group(1)) + 1, RESUME_STEPS + 1))
+    # fp32; the console prints 4 decimals
+    assert after == {step: pytest.approx(uninterrupted_losses[step], abs=2e-4) for step in after}
 
 
 def test_slurm_prepare_job_equals_one_process(slurm, tmp_path):

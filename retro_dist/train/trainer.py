@@ -4,6 +4,7 @@ preemption."""
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -22,6 +23,14 @@ from .ds_config import BatchPlan
 from .metrics import Metrics, console_line, model_flops_per_sample, peak_memory_gb
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted or out of time, checkpoint saved; launch/slurm requeues on it
+
+
+def ask_launcher_to_requeue() -> None:
+    """Rank 0 writes RETRO_REQUEUE_FILE (set by launch/slurm/train.sbatch) on its way out with REQUEUE_EXIT_CODE:
+    torchrun reports any failed rank as exit code 1, so with one torchrun per node the 75 never reaches the script."""
+    path = os.environ.get("RETRO_REQUEUE_FILE")
+    if path:
+        Path(path).write_text(f"{REQUEUE_EXIT_CODE}\n")
 
 
 def lr_at(step: int, run: RunConfig) -> float:
@@ -125,6 +134,7 @@ class Trainer:
                 if self.rank == 0:
                     print(f"stopping at step {self.step} on signal {self.stop.signal or 'from another rank'}: "
                           f"checkpoint saved, exit code {REQUEUE_EXIT_CODE} asks the launcher to requeue", flush=True)
+                    ask_launcher_to_requeue()
                 return REQUEUE_EXIT_CODE
         return 0
 
