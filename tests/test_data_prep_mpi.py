@@ -34,8 +34,8 @@ def test_two_ranks_equal_one(tmp_path):
 
 def assert_same_dataset(single: Path, parallel: Path, *, block_size: int) -> None:
     """Byte-identical files (the manifest aside: wall times differ), and rank 0 computed only its share."""
-    files = sorted(p.relative_to(single) for p in single.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*") if p.is_file())
+    files = sorted(p.relative_to(single) for p in single.rglob("*") if p.is_file() and p.name != ".lock")
+    assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*") if p.is_file() and p.name != ".lock")
     for rel in files:
         if rel.name != "manifest.json":
             assert (single / rel).read_bytes() == (parallel / rel).read_bytes(), rel

@@ -20,6 +20,7 @@ from retro_dist.data.format import load_manifest, save_npy
 
 ROWS, WIDTH = 1000, 3
 MPIRUN = shutil.which("mpirun")
+SKIP = ("manifest.json", ".lock")  # wall times differ; the lock records each run's holder
 OPTS = ["--vocab-size", "500", "--chunk-size", "16", "--seq-len", "64", "--embedder", "hash-128",
         "--val-fraction", "0.1", "--num-neighbors", "2", "--block-size", "100", "--shard-samples", "10"]
 
@@ -111,9 +112,8 @@ def test_neighbors_and_shard_on_two_ranks_equal_one(tmp_path):
                              "--stage", "shard", "--force", "--out", str(parallel)], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    files = sorted(p.relative_to(single) for p in single.rglob("*") if p.is_file() and p.name != "manifest.json")
-    assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*")
-                           if p.is_file() and p.name != "manifest.json")
+    files = sorted(p.relative_to(single) for p in single.rglob("*") if p.is_file() and p.name not in SKIP)
+    assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*") if p.is_file() and p.name not in SKIP)
     for rel in files:
         assert (single / rel).read_bytes() == (parallel / rel).read_bytes(), rel
     a, b = load_manifest(single), load_manifest(parallel)
