@@ -92,6 +92,7 @@ def write_weights(directory: Path, specs: list[TensorSpec], tensors: Iterable[tu
                     raise RuntimeError(f"tensor {got_name} {tuple(t.shape)} {t.dtype} does not follow the plan "
                                        f"({spec.name} {spec.shape} {spec.dtype})")
                 f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del t  # not held while the stream makes the next one
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(s.nbytes for s in specs)},
                  "weight_map": {spec.name: name for name, shard in zip(names, shards) for spec in shard}}

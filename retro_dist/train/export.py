@@ -2,7 +2,8 @@
 
 The fp32 master weights are read from the ZeRO partitions a batch of parameters at a time (READ_BATCH_BYTES): each
 rank's optimizer file is memory-mapped (`torch.load(mmap=True)`, weights only), the batch's slices copied out, and the
-mapping dropped before the next rank's (touched pages of a mapping count in the process's RSS while it is mapped).
+mapping dropped before the next rank's, and after every READ_BATCH_BYTES copied under it (touched pages of a mapping
+count in the process's RSS while it is mapped, so one large parameter would otherwise cost twice its size).
 The Adam moments in the same files are never touched. Each consolidated tensor is converted to the export dtype and
 written straight into its safetensors file, so the peak is about one batch, not the model (DeepSpeed's
 `get_fp32_state_dict_from_zero_checkpoint` holds the whole fp32 model plus every rank's flat groups).
@@ -74,15 +75,22 @@ class Partitions:
     pieces: dict[str, list[_Piece]] = field(default_factory=dict)
     fixed: dict[str, torch.Tensor] = field(default_factory=dict)  # buffers (and stage 0's module), read as is
 
+    @torch.no_grad()  # the saved groups require grad: a copy under autograd would keep every mapping alive
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """fp32 copies of `names` (buffers keep their dtype), mapping one rank's file at a time."""
         out = {n: torch.empty(math.prod(self.shapes[n]), dtype=torch.float32) for n in names if n in self.pieces}
+        step = max(1, READ_BATCH_BYTES // 4)  # elements copied under one mapping, so a large parameter is too
         for rank in sorted({p.rank for n in out for p in self.pieces[n]}):
-            groups = _load(self.files[rank])["optimizer_state_dict"][self.groups_key]
+            groups, mapped = None, 0
             for name, flat in out.items():
                 for p in self.pieces[name]:
-                    if p.rank == rank:
-                        flat[p.dest:p.dest + p.length] = groups[p.group][p.start:p.start + p.length]
+                    for lo in range(0, p.length if p.rank == rank else 0, step):
+                        n = min(step, p.length - lo)
+                        if groups is None or mapped + n > step:
+                            groups = None  # unmap the touched pages before mapping afresh
+                            groups, mapped = _load(self.files[rank])["optimizer_state_dict"][self.groups_key], 0
+                        flat[p.dest + lo:p.dest + lo + n] = groups[p.group][p.start + lo:p.start + lo + n]
+                        mapped += n
             del groups  # unmaps the file before the next rank's
         result = {n: out[n].view(self.shapes[n]) for n in out}
         for name in names:
@@ -204,6 +212,7 @@ def _stream(source: Partitions, specs: list[TensorSpec]) -> Iterator[tuple[str, 
                 raise ValueError(f"{s.name} holds values up to {t.abs().max().item():.4g}, beyond fp16's range "
                                  f"(65504): export with --dtype bf16 or fp32")
             yield s.name, t.to(s.dtype)
+            del t  # written: not held while the next batch is read
         batch = []
 
 
