@@ -90,17 +90,23 @@ def trained(dataset, tmp_path_factory):
 # refused resume ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("change, message", [("dataset", "another dataset"), ("shape", "does not fit this model")])
-def test_a_refused_resume_writes_nothing_into_the_run(dataset, other_dataset, trained, tmp_path, change, message):
+@pytest.mark.parametrize("change, ranks, message", [
+    ("dataset", 1, "another dataset"), ("shape", 1, "does not fit this model"),
+    ("dataset", 2, "another dataset"),  # through a universal checkpoint, made for the resume and removed again
+])
+def test_a_refused_resume_writes_nothing_into_the_run(dataset, other_dataset, trained, tmp_path, change, ranks,
+                                                      message):
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     before = snapshot(run_dir)
     args = (tiny_args(other_dataset, run_dir, "--train.steps=8") if change == "dataset" else
             tiny_args(dataset, run_dir, "--train.steps=8", "--model.arch.dec_depth=3"))
-    result = run(train_cmd(*args))
-    assert result.returncode == 2, result.stderr[-3000:]
-    [line] = error_lines(result.stderr, "retro-dist train")
-    assert message in line
+    result = run(train_cmd(*args) if ranks == 1 else torchrun_cmd(ranks, args))
+    assert result.returncode != 0, result.stderr[-3000:]
+    lines = error_lines(result.stderr, "retro-dist train")
+    assert len(lines) == ranks and message in lines[0], result.stderr[-3000:]
+    if ranks == 2:
+        assert "universal checkpoint" in result.stdout
     assert snapshot(run_dir) == before
     exported = run([sys.executable, "-m", "retro_dist.cli", "export", str(run_dir)])
     assert exported.returncode == 0, exported.stderr[-2000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -19,7 +20,7 @@ from retro_dist.lock import LockHeld, hold_directory
 from retro_dist.model.presets import preset_config
 
 from .build import build_model
-from .checkpoint import convert_to_universal, newest_whole, read_meta
+from .checkpoint import META, convert_to_universal, newest_whole, read_meta
 from .ds_config import batch_plan, build_ds_config, engine_settings, resolve_precision
 from .metrics import measure_peak_flops
 from .parallelize import param_groups
@@ -58,6 +59,14 @@ def lock_run_dir(run_dir: Path, rank: int):
     return lock
 
 
+def remove_paths(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def train(run: RunConfig) -> int:
     import deepspeed
     import torch.distributed as dist
@@ -82,14 +91,21 @@ def train(run: RunConfig) -> int:
         settings = engine_settings(run)  # read once, before anything slow: a bad ds_config fails in one line
         run_dir = Path(run.run_dir)
         tag = resume_target(run)
-        universal = False
+        universal, made = False, []  # what the universal conversion adds: removed again if the resume is refused
         if tag is not None:
             meta = read_meta(run_dir / "checkpoints", tag)
             universal = meta["world_size"] != info.world_size
             if universal and info.rank == 0:
                 print(f"resuming {tag} (saved by {meta['world_size']} ranks) on {info.world_size} ranks through "
                       f"DeepSpeed's universal checkpoint", flush=True)
-                convert_to_universal(run_dir / "checkpoints", tag, zero_stage=meta["zero_stage"])
+                out = run_dir / "checkpoints" / f"{tag}_universal"
+                if not (out / META).is_file():  # DeepSpeed's converter also writes its `latest_universal` pointer
+                    made = [p for p in (out, out.with_name("latest_universal")) if not p.exists()]
+                try:
+                    convert_to_universal(run_dir / "checkpoints", tag, zero_stage=meta["zero_stage"])
+                except ValueError:
+                    remove_paths(made)
+                    raise
             dist.barrier()
         ds_config = build_ds_config(run, settings, plan, precision, load_universal=universal)
 
@@ -106,7 +122,12 @@ def train(run: RunConfig) -> int:
         trainer = Trainer(run, engine, model, plan, device=info.device, precision=precision, peak_flops=peak,
                           dataset_fingerprint=manifest["stages"]["shard"]["fingerprint"])
         if tag is not None:
-            trainer.restore(trainer.checkpointer.load(tag, universal=universal))
+            try:
+                trainer.restore(trainer.checkpointer.load(tag, universal=universal))
+            except ValueError:  # every rank refuses here alike (other model shape, other dataset)
+                dist.barrier()  # no rank still reads the universal copy
+                remove_paths(made)
+                raise
             if info.rank == 0:
                 print(f"resumed from {tag} at step {trainer.step}", flush=True)
         if info.rank == 0:  # only now: a refused resume (other dataset, other model shape) leaves the run as it was
