@@ -48,7 +48,11 @@ class DirectoryLock:
 
 
 def holder_record() -> str:
-    command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
+    try:  # the whole command line, `python -m ...` included, which sys.argv loses
+        argv = Path("/proc/self/cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
+    except OSError:
+        argv = [sys.executable, *sys.argv]
+    command = " ".join([os.path.basename(argv[0]), *argv[1:]])
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     return f"host {socket.gethostname()}, pid {os.getpid()}, started {started}, command `{command[:300]}`"
 
