@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retro_dist.model.presets import PRESETS
+from retro_dist.model.presets import PRESETS, check_arch
 
 
 @dataclass
@@ -118,6 +118,7 @@ class RunConfig:
     def validate(self) -> None:
         if self.model.preset not in PRESETS:
             raise ValueError(f"model.preset={self.model.preset!r} is unknown; known: {', '.join(PRESETS)}")
+        check_arch(self.model.arch)
         if not self.data.dataset:
             raise ValueError("data.dataset is empty: pass --data.dataset=DIR (a directory from `retro-dist prepare`)")
         if self.train.zero_stage not in (0, 1, 2, 3):

@@ -64,3 +64,18 @@ def test_convert_errors_are_one_line(retro_pytorch, tmp_path):
 def test_help_lists_defaults():
     result = cli("convert", "--help")
     assert result.returncode == 0 and "default: retro-dist" in result.stdout
+
+
+def test_arch_keys_of_the_dataset_are_refused_in_one_line(tmp_path):
+    """num_tokens, max_seq_len, chunk_size and pad_id come from the dataset: refused at config load, before any
+    dataset or process group is touched (it was a TypeError from preset_config)."""
+    for key, value in (("num_tokens", 500), ("max_seq_len", 4096), ("pad_id", 1)):
+        result = cli("train", f"--data.dataset={tmp_path}", f"--run_dir={tmp_path / 'run'}",
+                     f"--model.arch.{key}={value}")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"model.arch.{key} cannot be set: it comes from the dataset's manifest" in result.stderr
+        assert "vocab_size" in result.stderr and "Traceback" not in result.stderr
+    result = cli("train", f"--data.dataset={tmp_path}", "--model.arch.dec_depht=4")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "model.arch.dec_depht is not a model setting; valid keys: enc_dim" in result.stderr
+    assert not (tmp_path / "run").exists()

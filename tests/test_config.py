@@ -27,6 +27,11 @@ def test_yaml_then_overrides(tmp_path):
     (["--data.dataset=x", "--model.preset=huge"], "model.preset='huge' is unknown"),
     ([], "data.dataset is empty"),
     (["data.dataset"], "must look like --section.key=value"),
+    (["--data.dataset=x", "--model.arch.num_tokens=500"], "model.arch.num_tokens cannot be set: it comes from the "
+                                                          "dataset's manifest"),
+    (["--data.dataset=x", "--model.arch.max_seq_len=4096"], "model.arch.max_seq_len cannot be set"),
+    (["--data.dataset=x", "--model.arch.dec_depht=4"], "model.arch.dec_depht is not a model setting; valid keys: "
+                                                       "enc_dim, "),
 ])
 def test_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):

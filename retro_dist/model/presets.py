@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import dataclasses
+
 from .config import RetroConfig
+
+# RetroConfig fields that every dataset fixes (vocab size, seq_len, chunk size, pad id): never set by a preset or
+# model.arch, so a model always fits the data it trains on
+DATASET_KEYS = {"num_tokens": "vocab_size", "max_seq_len": "seq_len", "chunk_size": "chunk_size", "pad_id": "pad_id"}
 
 # No preset gives the retrieval encoder cross-attention to the decoder's chunk (RETRO-pytorch's default puts it in
 # every encoder block): it hands the chunked cross-attention the decoder's own chunk back, a path that lowers the
@@ -28,9 +34,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_arch(arch: dict[str, Any]) -> None:
+    """One line for a model.arch key that the dataset owns or that RetroConfig does not have."""
+    owned = [k for k in arch if k in DATASET_KEYS]
+    if owned:
+        raise ValueError(f"model.arch.{owned[0]} cannot be set: it comes from the dataset's manifest "
+                         f"({', '.join(f'{k} = {v}' for k, v in DATASET_KEYS.items())}); "
+                         f"drop it, or prepare a dataset with the value you want")
+    valid = [f.name for f in dataclasses.fields(RetroConfig) if f.name not in DATASET_KEYS]
+    unknown = [k for k in arch if k not in valid]
+    if unknown:
+        raise ValueError(f"model.arch.{unknown[0]} is not a model setting; valid keys: {', '.join(valid)}")
+
+
 def preset_config(name: str, *, num_tokens: int, max_seq_len: int, chunk_size: int = 64, pad_id: int = 0,
                   **overrides: Any) -> RetroConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    check_arch(overrides)
     return RetroConfig(**{**PRESETS[name], "num_tokens": num_tokens, "max_seq_len": max_seq_len,
                           "chunk_size": chunk_size, "pad_id": pad_id, **overrides})
