@@ -15,12 +15,13 @@ def _convert(args: argparse.Namespace) -> None:
     from retro_dist.atomic import atomic_path, write_text_atomic
     from retro_dist.convert import (config_from_retro_pytorch, from_retro_pytorch, infer_config,
                                     retro_pytorch_kwargs, to_retro_pytorch)
+    from retro_dist.train.safe_load import safe_load
 
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
     if args.to == "retro-dist":
-        state = torch.load(src, map_location="cpu", weights_only=True)
+        state = safe_load(src, map_location="cpu")
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or "token_emb.weight" not in state:
