@@ -43,7 +43,7 @@ def test_batches_match_the_arrays(dataset):
     layout, m = Layout(dataset), load_manifest(dataset)
     stream = np.load(layout.chunks("train")).reshape(-1)
     neighbors, db = np.load(layout.neighbors("train")), np.load(layout.chunks("train"))
-    loader = RetroLoader(dataset, "train", batch_size=4, num_neighbors=2)
+    loader = RetroLoader(dataset, "train", batch_size=4, num_neighbors=2, streams=1)  # one stream: no wrap-around
     batches = epoch(loader)
     assert len(batches) == len(loader) == m["counts"]["train"]["samples"] // 4
     seen = []
@@ -55,7 +55,7 @@ def test_batches_match_the_arrays(dataset):
             ids = neighbors[s * (SEQ // CS): (s + 1) * (SEQ // CS), :2]
             np.testing.assert_array_equal(b["retrieved"][row], neighbor_tokens(db, ids, pad_id=m["pad_id"]))
             seen.append(s)
-    assert len(set(seen)) == len(seen)  # one rank, one epoch: no sample twice
+    assert len(set(seen)) == len(seen)  # one stream, one epoch: no sample twice
     assert loader.state_dict()["epoch"] == 1
     assert sorted(seen) != seen  # shuffled
 
@@ -96,20 +96,57 @@ def test_resume_equals_uninterrupted(dataset, workers, stop):
     assert got == reference
 
 
-def test_resume_on_another_world_size(dataset):
-    """2 ranks stop after 10 batches; one rank resumes at the same epoch position and finishes the epoch."""
-    states = []
-    for r in range(2):
-        loader = RetroLoader(dataset, "train", batch_size=2, rank=r, world_size=2)
-        for i, _ in enumerate(loader):
-            if i == 9:
-                break
-        states.append(loader.state_dict())
-    single = RetroLoader(dataset, "train", batch_size=2, rank=0, world_size=1)
-    single.load_state_dict(states[0])
-    assert single.batches == 20 and single.epoch == 0
-    rest = epoch(single)
-    assert len(rest) == len(single) - 20 and single.epoch == 1
+def _global_batches(loaders, count=None):
+    """Sample indices of each global batch, from one loader per rank (each rank's micro-batches in order)."""
+    per_rank = [[b["index"].tolist() for b in loader] for loader in loaders]
+    acc = loaders[0].accumulation
+    out = []
+    for t in range(len(per_rank[0]) // acc):
+        out.append(sorted(s for rank in per_rank for m in rank[t * acc:(t + 1) * acc] for s in m))
+    return out[:count]
+
+
+@pytest.mark.parametrize("world, micro, workers", [(1, 8, 0), (2, 2, 1), (4, 1, 2), (8, 1, 0), (2, 4, 2)])
+def test_global_order_independent_of_layout(dataset, world, micro, workers):
+    """Global batch t holds the same samples for any world size, micro-batch / accumulation split and worker
+    count (issue 15): 1 rank x 8, 2 x 2 x acc 2, 4 x 1 x acc 2, 8 x 1, 2 x 4."""
+    reference = _global_batches([RetroLoader(dataset, "train", batch_size=8, global_batch=8, seed=3)])
+    got = _global_batches([RetroLoader(dataset, "train", batch_size=micro, global_batch=8, seed=3, rank=r,
+                                       world_size=world, num_workers=workers) for r in range(world)])
+    assert got == reference and len(reference) == load_manifest(dataset)["counts"]["train"]["samples"] // 8
+    # a stream whose shards hold fewer samples wraps around: at most about one shard (37) repeated per stream
+    assert len({s for b in reference for s in b}) >= 8 * len(reference) - 8 * 37
+
+
+@pytest.mark.parametrize("new_world", [1, 4])
+def test_resume_on_another_world_size(dataset, new_world):
+    """2 ranks stop after 5 global batches; 1 or 4 ranks continue the same global batch sequence exactly, into the
+    next epoch."""
+    reference = []
+    for _ in range(2):
+        reference += _global_batches([RetroLoader(dataset, "train", batch_size=4, global_batch=8, seed=5)])
+    loaders = [RetroLoader(dataset, "train", batch_size=2, global_batch=8, seed=5, rank=r, world_size=2)
+               for r in range(2)]
+    its = [iter(ld) for ld in loaders]
+    got = [sorted(s for it in its for _ in range(2) for s in next(it)["index"].tolist()) for _ in range(5)]
+    states = [json.loads(json.dumps(ld.state_dict())) for ld in loaders]
+    assert states[0] == states[1] and states[0]["batches"] == 5 and states[0]["samples"] == 40
+    resumed = [RetroLoader(dataset, "train", batch_size=8 // new_world, global_batch=8, seed=5, rank=r,
+                           world_size=new_world, num_workers=1) for r in range(new_world)]
+    for ld in resumed:
+        ld.load_state_dict(states[0])
+    got += _global_batches(resumed)
+    assert resumed[0].epoch == 1
+    got += _global_batches(resumed)
+    assert got == reference
+
+
+def test_bad_divisibility_names_what_works(dataset):
+    with pytest.raises(ValueError, match=r"3 ranks do not divide the 8 canonical streams \(world sizes that work: "
+                                         r"1, 2, 4, 8\)"):
+        RetroLoader(dataset, "train", batch_size=1, global_batch=24, streams=8, rank=0, world_size=3)
+    with pytest.raises(ValueError, match="micro batch 3 does not divide a rank's 4 samples"):
+        RetroLoader(dataset, "train", batch_size=3, global_batch=8, rank=0, world_size=2)
 
 
 def test_fewer_neighbors_and_bad_requests(dataset):
@@ -216,3 +253,35 @@ def _skips_and_keeps_ranks_equal(ds: Path, expected_skipped: int | None) -> None
     assert counts[0] == counts[1] == len(loader)
     assert any("skipping bad data" in str(w.message) for w in caught)
     assert skipped == expected_skipped if expected_skipped is not None else skipped > 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_skip_takes_replacements_and_keeps_ranks_equal(dataset, tmp_path, damage):
+    """Issue 14 item 4: 3 shards, 2 ranks, one shard truncated to half (or a flipped byte): under skip both ranks
+    yield every batch of two epochs, bad samples replaced by good ones, the same global order at 1 rank."""
+    ds = _copy(dataset, tmp_path)
+    m = load_manifest(ds)
+    m["shards"]["train"] = m["shards"]["train"][:3]
+    m["counts"]["train"]["samples"] = sum(s["samples"] for s in m["shards"]["train"])
+    save_manifest(ds, m)
+    path = Layout(ds).shards / m["shards"]["train"][1]["name"]
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[5000] ^= 0x01
+    path.write_bytes(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaders = [RetroLoader(ds, "train", batch_size=2, global_batch=4, rank=r, world_size=2, num_workers=1,
+                               on_bad_sample="skip", seed=s) for s in (0, 1) for r in range(2)]
+        for seed in range(2):
+            pair = loaders[2 * seed: 2 * seed + 2]
+            runs = [[b["index"].tolist() for _ in range(2) for b in ld] for ld in pair]
+            assert len(runs[0]) == len(runs[1]) == 2 * len(pair[0])
+            assert all(len(b) == 2 for run in runs for b in run)
+            bad = {i for i in range(37, 74)}
+            assert pair[0].skipped + pair[1].skipped > 0
+            assert not bad & {s for run in runs for b in run for s in b} or damage == "truncate"
+            single = RetroLoader(ds, "train", batch_size=4, global_batch=4, on_bad_sample="skip", seed=seed)
+            assert _global_batches([single]) == [sorted(a + b) for a, b in zip(runs[0], runs[1])][: len(single)]

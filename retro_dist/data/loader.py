@@ -1,24 +1,41 @@
-"""RetroLoader: webdataset shards of tokens + neighbor ids -> RETRO batches, equal on every rank, resumable exactly.
+"""RetroLoader: webdataset shards of tokens + neighbor ids -> RETRO batches, equal on every rank, resumable exactly,
+in one global order whatever the world size, DataLoader workers or micro-batch / accumulation split.
 
-The plan of an epoch is a pure function of (seed, epoch, world size, rank, workers, batch size) and the manifest:
+The plan ("canonical streams", after MosaicML streaming's canonical nodes). A run fixes, when it starts, a global
+batch G and a number of canonical streams C (default: gcd(G, 8), so 1, 2, 4 and 8 ranks all fit whenever G is a
+multiple of 8); both are recorded in the loader state and kept on resume. For an epoch:
 
-- Shards are shuffled per epoch. With at least as many shards as ranks, rank r reads shards r, r + W, ...; with
-  fewer, every rank reads every shard and takes every W-th sample. DataLoader workers split a rank's share the same
-  way. Each shard is read whole, checked, and its samples permuted per (epoch, shard): shuffling at shard
-  granularity plus within shards, without a cross-shard buffer whose state could not be restored.
-- Every rank yields the same number of batches per epoch: floor(samples / (world * batch)). A rank whose shards
-  hold fewer samples wraps around to the start of its share; one with more stops early. Per epoch a rank therefore
-  repeats or skips at most about one shard's worth of samples; samples skipped as bad are replaced the same way.
-- The state after every batch travels with it from the worker; `state_dict()` holds each worker's position, so a
-  restart yields exactly the batches the uninterrupted run would have. With another world size, worker count or
-  batch size, the position is re-derived from the global number of samples consumed in the epoch: the rest of
-  that epoch is re-dealt over the new ranks (some of its samples may be seen twice or not at all), later epochs
-  follow the new plan exactly.
+- The shards are shuffled by (seed, epoch) and dealt to the C streams: with at least C shards, stream s reads shards
+  s, s + C, ... whole and in order; with fewer, every stream reads every shard and takes every C-th sample. Each
+  shard is read whole and sequentially (no random access into tars), checked, and its samples permuted by
+  (seed, epoch, shard): shuffling at shard granularity plus within shards, as a pure function of the seed.
+- A stream is an endless cycle over its samples; global batch t (t < floor(samples / G) batches per epoch) takes
+  samples [t q, (t + 1) q) of every stream, q = G / C, streams in order. So the samples of global batch t are a
+  fixed function of (seed, epoch, dataset, C, G): a stream whose shards hold fewer samples wraps around to its
+  start, one with more stops early (per epoch a stream repeats or skips at most about one shard's worth).
+- Rank r of W takes streams r, r + W, ... (W must divide C): its G / W samples of batch t are its streams' pieces in
+  stream order, cut into micro-batches of `batch_size` (accumulation = G / (W * batch_size)). Every rank yields the
+  same number of micro-batches. The loss of a step is the mean over the same G samples at any world size.
+- DataLoader workers split a rank's streams (the largest worker count <= num_workers that divides them; extra
+  workers stay idle), each yielding one collated piece per (batch, stream); the main process assembles the pieces.
+- Cost: per global batch a rank decodes G / W samples; with at least C shards it reads each of its shards once per
+  epoch (1/W of the data); with fewer than C shards each of its streams reads every shard (C / W reads of the
+  dataset per epoch, of which it keeps 1/W).
+- A bad sample under `on_bad_sample=skip` is replaced by the first good sample after it in its shard's permuted
+  order, or, when the whole shard is bad, from the next shard of the epoch order that has one: a pure function of
+  the data, so ranks stay equal, positions stay count-based and resume stays exact. Only a split with no good sample
+  at all is an error.
+
+State: {epoch, batches (global batches done in this epoch), global_batch, streams, seed, split, skipped}. Positions
+are re-derived from the manifest's sample counts, so a resume on any world size, worker count or micro-batch split
+(with the same G and C) continues the same global batch sequence with no sample repeated or skipped.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -69,27 +86,66 @@ def check_compatible(manifest: dict[str, Any], config) -> None:
         raise DatasetError("dataset and model disagree: " + "; ".join(problems))
 
 
+def default_streams(global_batch: int, world_size: int) -> int:
+    """gcd(G, 8): 1, 2, 4 and 8 ranks all fit whenever G is a multiple of 8. When the world size does not divide
+    that (e.g. 3 ranks), one stream per rank: the order then holds for this world size only."""
+    streams = math.gcd(global_batch, 8)
+    return streams if streams % world_size == 0 else world_size
+
+
+def check_streams(global_batch: int, streams: int, world_size: int, batch_size: int) -> None:
+    """One line naming the numbers that work when the world size, streams, global and micro batch do not fit."""
+    problems = []
+    if global_batch % streams:
+        problems.append(f"{streams} canonical streams do not divide the global batch {global_batch}")
+    if streams % world_size:
+        fits = [w for w in range(1, streams + 1) if streams % w == 0]
+        problems.append(f"{world_size} ranks do not divide the {streams} canonical streams (world sizes that "
+                        f"work: {', '.join(map(str, fits))})")
+    elif global_batch % (world_size * batch_size):
+        share = global_batch // world_size
+        fits = [b for b in range(1, share + 1) if share % b == 0]
+        problems.append(f"micro batch {batch_size} does not divide a rank's {share} samples of the global batch "
+                        f"{global_batch} (micro batches that work: {', '.join(map(str, fits))})")
+    if problems:
+        raise ValueError("data plan: " + "; ".join(problems))
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """SLURM's --signal, scancel --signal and many schedulers signal every process of a job or a process group:
+    a worker must not die of SIGTERM (torch's worker handler exits on it) or SIGUSR1; the main process handles them
+    (checkpoint, exit 75) and shuts its workers down itself. Workers still exit when the main process dies (torch's
+    watchdog)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class _EpochStream(IterableDataset):
-    """What each DataLoader worker (or the main process, with 0 workers) iterates: its batches of one epoch."""
+    """What each DataLoader worker (or the main process, with 0 workers) iterates: (batch, stream, piece) for its
+    streams, batches from `first` to the end of the epoch."""
 
-    def __init__(self, loader: "RetroLoader", epoch: int, positions: list[tuple[int, int, int]], first: int):
-        self.loader, self.epoch, self.positions, self.first = loader, epoch, positions, first
+    def __init__(self, loader: "RetroLoader", epoch: int, first: int):
+        self.loader, self.epoch, self.first = loader, epoch, first
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
         info = get_worker_info()
-        # DataLoader takes batches from its workers round-robin starting at worker 0; batch j of the epoch belongs
-        # to plan worker j % workers, so after a resume at batch p, DataLoader worker i plays plan worker p + i
-        worker = 0 if info is None else (info.id + self.first) % info.num_workers
-        yield from self.loader._worker_batches(self.epoch, worker, self.positions[worker])
+        mine, active = self.loader.rank_streams(), self.loader.active_workers()
+        worker = 0 if info is None else info.id
+        if worker >= active:
+            return
+        yield from self.loader._pieces(self.epoch, mine[worker::active], self.first)
 
 
 class RetroLoader:
-    """Iterate one epoch of batches: {'tokens': int64 [b, seq_len + 1], 'retrieved': int64 [b, k, r, 2 * chunk_size]
-    or None, 'index': int64 [b] sample indices}. `len()` is the number of batches per epoch, equal on every rank."""
+    """Iterate one epoch of micro-batches: {'tokens': int64 [b, seq_len + 1], 'retrieved': int64 [b, k, r,
+    2 * chunk_size] or None, 'index': int64 [b] sample indices}. `len()` is the number of micro-batches per epoch,
+    equal on every rank. `global_batch` (default batch_size x world size) and `streams` (default_streams) fix the
+    global order; see the module docstring."""
 
     def __init__(self, dataset: str | Path, split: str, *, batch_size: int, num_workers: int = 0, seed: int = 0,
                  num_neighbors: int | None = None, retrieval: bool = True, on_bad_sample: str = "error",
-                 rank: int | None = None, world_size: int | None = None, shard_urls: list[str] | None = None):
+                 rank: int | None = None, world_size: int | None = None, shard_urls: list[str] | None = None,
+                 global_batch: int | None = None, streams: int | None = None):
         self.layout = Layout(dataset)
         self.manifest = m = load_manifest(dataset)
         if not m.get("stages", {}).get("shard", {}).get("done"):
@@ -107,50 +163,44 @@ class RetroLoader:
         self.urls = shard_urls or [str(self.layout.shards / s["name"]) for s in self.shards]
         if len(self.urls) != len(self.shards):
             raise ValueError(f"{len(self.urls)} shard URLs given for {len(self.shards)} shards of split {split!r}")
-        total = sum(s["samples"] for s in self.shards)
-        self.batches_per_epoch = total // (self.world_size * batch_size)
-        if self.batches_per_epoch == 0:
-            raise DatasetError(f"split {split!r} of {dataset} has {total} samples, fewer than one batch of "
-                               f"{batch_size} for each of {self.world_size} ranks")
+        self.total = sum(s["samples"] for s in self.shards)
+        self._set_plan(global_batch or batch_size * self.world_size, streams)
         self.spec = SampleSpec.from_manifest(m, m["counts"]["train"]["chunks"])
-        self.epoch, self.batches, self.skipped = 0, 0, 0
-        self.positions = self._start_positions()
+        self.epoch, self.batches, self.micro, self.skipped = 0, 0, 0, 0
         self._db: np.ndarray | None = None
+        self._cache: dict[int, list[Sample | None]] = {}
+        self._good_fallback: dict[tuple[int, int], int] = {}
+
+    def _set_plan(self, global_batch: int, streams: int | None) -> None:
+        self.global_batch = global_batch
+        self.streams = streams or default_streams(global_batch, self.world_size)
+        check_streams(global_batch, self.streams, self.world_size, self.batch_size)
+        self.accumulation = global_batch // (self.world_size * self.batch_size)
+        self.batches_per_epoch = self.total // global_batch  # global batches
+        if self.batches_per_epoch == 0:
+            raise DatasetError(f"split {self.split!r} of {self.layout.root} has {self.total} samples, fewer than one "
+                               f"global batch of {global_batch}")
 
     # the plan --------------------------------------------------------------------------------------------------
 
-    def _items(self, epoch: int, worker: int) -> list[Item]:
-        order = np.random.default_rng([self.seed, epoch, _MIX]).permutation(len(self.shards))
-        mine = split_items([Item(int(s)) for s in order], self.world_size, self.rank)
-        return split_items(mine, max(1, self.num_workers), worker)
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, _MIX]).permutation(len(self.shards))
 
-    def _worker_budget(self, worker: int) -> int:
-        workers = max(1, self.num_workers)
-        return self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
+    def _items(self, epoch: int, stream: int) -> list[Item]:
+        return split_items([Item(int(s)) for s in self._order(epoch)], self.streams, stream)
 
     def _selected(self, item: Item) -> int:
         n = self.shards[item.shard]["samples"]
         return max(0, -(-(n - item.offset) // item.stride))
 
-    def _start_positions(self) -> list[tuple[int, int, int]]:
-        """(item cursor, sample cursor within the item, batches yielded) per worker at the start of an epoch."""
-        return [(0, 0, 0) for _ in range(max(1, self.num_workers))]
+    def rank_streams(self) -> list[int]:
+        return list(range(self.rank, self.streams, self.world_size))
 
-    def _positions_after(self, epoch: int, batches: int) -> list[tuple[int, int, int]]:
-        """Worker positions after `batches` batches of this rank, from the manifest's counts alone."""
-        workers = max(1, self.num_workers)
-        out = []
-        for w in range(workers):
-            done = batches // workers + (w < batches % workers)
-            samples, cursor, items = done * self.batch_size, 0, self._items(epoch, w)
-            sizes = [self._selected(it) for it in items]
-            if sum(sizes) == 0:
-                raise DatasetError(f"worker {w} of rank {self.rank} has no samples")
-            while samples >= sizes[cursor % len(items)]:  # whole items consumed (empty ones included)
-                samples -= sizes[cursor % len(items)]
-                cursor += 1
-            out.append((cursor, samples, done))
-        return out
+    def active_workers(self) -> int:
+        """The largest worker count <= num_workers that divides this rank's streams: equal pieces per worker keep
+        DataLoader's round robin in step with the batches."""
+        n = len(self.rank_streams())
+        return max(w for w in range(1, max(1, self.num_workers) + 1) if n % w == 0)
 
     # workers ---------------------------------------------------------------------------------------------------
 
@@ -159,88 +209,133 @@ class RetroLoader:
             self._db = load_npy(self.layout.chunks("train"))
         return self._db
 
-    def _worker_batches(self, epoch: int, worker: int, position: tuple[int, int, int]) -> Iterator[dict[str, Any]]:
-        items = self._items(epoch, worker)
-        cursor, within, done = position
-        budget, skipped, batch = self._worker_budget(worker), 0, []
-        empty_rounds = 0
-        while done < budget:
-            item = items[cursor % len(items)]
-            meta = self.shards[item.shard]
-            samples = read_shard(self.urls[item.shard], expected_samples=meta["samples"],
-                                      sha256=meta.get("sha256"), spec=self.spec, policy=self.on_bad_sample)
-            order = np.random.default_rng([self.seed, epoch, item.shard, _MIX]).permutation(len(samples))
-            chosen = order[item.offset::item.stride]
-            good_in_item = 0
-            while within < len(chosen) and done < budget:
-                sample = samples[chosen[within]]
-                within += 1
-                if sample is None:
-                    skipped += 1
-                    continue
-                good_in_item += 1
-                batch.append(sample)
-                if len(batch) == self.batch_size:
-                    done += 1
-                    next_position = (cursor + (within == len(chosen)), within % len(chosen), done)
-                    yield self._collate(batch, worker, next_position, skipped)
-                    batch, skipped = [], 0
-            if within >= len(chosen):
-                cursor, within = cursor + 1, 0
-            empty_rounds = 0 if good_in_item else empty_rounds + 1
-            if empty_rounds > len(items):
-                raise DatasetError(f"rank {self.rank} worker {worker}: every sample of its shards is bad")
+    def _read(self, shard: int) -> list[Sample | None]:
+        """A shard's samples (None for bad ones under skip), the last few kept: a stream holds one shard at a time,
+        replacements may need one more."""
+        if shard not in self._cache:
+            if len(self._cache) >= 3:
+                self._cache.pop(next(iter(self._cache)))
+            meta = self.shards[shard]
+            self._cache[shard] = read_shard(self.urls[shard], expected_samples=meta["samples"],
+                                            sha256=meta.get("sha256"), spec=self.spec, policy=self.on_bad_sample)
+        return self._cache[shard]
 
-    def _collate(self, batch: list[Sample], worker: int, position: tuple[int, int, int],
-                 skipped: int) -> dict[str, Any]:
+    def _permuted(self, epoch: int, shard: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, shard, _MIX]).permutation(self.shards[shard]["samples"])
+
+    def _replacement(self, epoch: int, shard: int, slot: int) -> Sample:
+        """The good sample that stands in for bad sample `slot` (in permuted order) of `shard`: the next good one in
+        the same permuted order, else the first good one of the next shard (epoch order) that has any."""
+        samples, order = self._read(shard), self._permuted(epoch, shard)
+        for k in range(1, len(order)):
+            candidate = samples[order[(slot + k) % len(order)]]
+            if candidate is not None:
+                return candidate
+        key = (epoch, shard)
+        if key not in self._good_fallback:
+            shards = [int(s) for s in self._order(epoch)]
+            start = shards.index(shard)
+            for other in shards[start + 1:] + shards[:start]:
+                if any(s is not None for s in self._read(other)):
+                    self._good_fallback[key] = other
+                    break
+            else:
+                raise DatasetError(f"split {self.split!r}: every sample of every shard is bad")
+        other = self._good_fallback[key]
+        good = [s for s in (self._read(other)[i] for i in self._permuted(epoch, other)) if s is not None]
+        return good[slot % len(good)]
+
+    def _stream_samples(self, epoch: int, stream: int, start: int) -> Iterator[tuple[Sample, bool]]:
+        """Stream `stream` from logical sample `start` on, endlessly: (sample, replaced)."""
+        items = self._items(epoch, stream)
+        sizes = [self._selected(it) for it in items]
+        if sum(sizes) == 0:
+            raise DatasetError(f"canonical stream {stream} of split {self.split!r} has no samples")
+        cursor, within = 0, start % sum(sizes)
+        while within >= sizes[cursor]:
+            within -= sizes[cursor]
+            cursor += 1
+        while True:
+            item = items[cursor % len(items)]
+            if sizes[cursor % len(items)]:
+                samples, order = self._read(item.shard), self._permuted(epoch, item.shard)
+                for slot in range(item.offset + within * item.stride, len(order), item.stride):
+                    sample = samples[order[slot]]
+                    yield (sample, False) if sample is not None else (self._replacement(epoch, item.shard, slot), True)
+            cursor, within = cursor + 1, 0
+
+    def _pieces(self, epoch: int, streams: list[int], first: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        q = self.global_batch // self.streams
+        sources = {s: self._stream_samples(epoch, s, first * q) for s in streams}
+        for t in range(first, self.batches_per_epoch):
+            for s in streams:
+                taken = [next(sources[s]) for _ in range(q)]
+                yield t, s, self._collate([x for x, _ in taken], sum(r for _, r in taken))
+
+    def _collate(self, batch: list[Sample], skipped: int) -> dict[str, Any]:
         tokens = torch.from_numpy(np.stack([t for _, t, _ in batch]))
         retrieved = None
         if self.retrieval:
             ids = np.stack([n[:, : self.num_neighbors] for _, _, n in batch])
             retrieved = torch.from_numpy(neighbor_tokens(self._db_chunks(), ids, pad_id=self.manifest["pad_id"])).long()
         return {"tokens": tokens, "retrieved": retrieved, "index": torch.tensor([i for i, _, _ in batch]),
-                "_state": (worker, position, skipped)}
+                "skipped": skipped}
 
     # iteration and state ---------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return self.batches_per_epoch
+        return self.batches_per_epoch * self.accumulation
+
+    def _rank_batches(self) -> Iterator[dict[str, Any]]:
+        """This rank's share of each remaining global batch of the epoch, pieces assembled in stream order."""
+        stream = _EpochStream(self, self.epoch, self.batches)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=_ignore_stop_signals,
+                            prefetch_factor=4 if self.num_workers else None)
+        mine, pending = self.rank_streams(), {}
+        for t, s, piece in loader:
+            pending.setdefault(t, {})[s] = piece
+            if len(pending[t]) == len(mine):
+                done = pending.pop(t)
+                pieces = [done[s] for s in mine]
+                self.skipped += sum(p["skipped"] for p in pieces)
+                yield {"tokens": torch.cat([p["tokens"] for p in pieces]),
+                       "retrieved": None if pieces[0]["retrieved"] is None else torch.cat([p["retrieved"] for p in pieces]),
+                       "index": torch.cat([p["index"] for p in pieces])}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        """The remaining batches of the current epoch; afterwards the loader stands at the next epoch."""
-        stream = _EpochStream(self, self.epoch, list(self.positions), self.batches % max(1, self.num_workers))
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=4 if self.num_workers else None)
-        for batch in loader:
-            worker, position, skipped = batch.pop("_state")
-            self.positions[worker] = position
-            self.batches += 1
-            self.skipped += skipped
-            yield batch
+        """The remaining micro-batches of the current epoch; afterwards the loader stands at the next epoch."""
+        b = self.batch_size
+        for share in self._rank_batches():
+            for k in range(self.micro, self.accumulation):
+                self.micro = (k + 1) % self.accumulation
+                if self.micro == 0:
+                    self.batches += 1
+                yield {key: None if v is None else v[k * b:(k + 1) * b] for key, v in share.items()}
         if self.batches >= self.batches_per_epoch:
-            self.epoch, self.batches = self.epoch + 1, 0
-            self.positions = self._start_positions()
+            self.epoch, self.batches, self.micro = self.epoch + 1, 0, 0
 
     def forever(self) -> Iterator[dict[str, Any]]:
         while True:
             yield from self
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches": self.batches, "seed": self.seed, "skipped": self.skipped,
-                "world_size": self.world_size, "rank": self.rank, "num_workers": self.num_workers,
-                "batch_size": self.batch_size, "split": self.split, "positions": [list(p) for p in self.positions]}
+        """Plain data, the same on every rank (it names no rank): checkpoints are taken between optimizer steps."""
+        if self.micro:
+            raise RuntimeError(f"loader state asked for in the middle of global batch {self.batches} "
+                               f"(micro-batch {self.micro} of {self.accumulation}): save between optimizer steps")
+        return {"epoch": self.epoch, "batches": self.batches, "global_batch": self.global_batch,
+                "streams": self.streams, "seed": self.seed, "split": self.split, "skipped": self.skipped,
+                "samples": (self.epoch * self.batches_per_epoch + self.batches) * self.global_batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["seed"] != self.seed or state["split"] != self.split:
             raise ValueError(f"loader state is for split {state['split']!r} seed {state['seed']}, this loader "
                              f"reads split {self.split!r} with seed {self.seed}")
-        self.epoch, self.skipped = state["epoch"], state["skipped"]
-        same_plan = all(state[k] == getattr(self, k) for k in ("world_size", "rank", "num_workers", "batch_size"))
-        if same_plan:
-            self.batches = state["batches"]
-            self.positions = [tuple(p) for p in state["positions"]]
-            return
-        # another plan: continue after the same number of samples consumed in this epoch, across all ranks
-        consumed = state["batches"] * state["batch_size"] * state["world_size"]
-        self.batches = min(self.batches_per_epoch, consumed // (self.batch_size * self.world_size))
-        self.positions = self._positions_after(self.epoch, self.batches)
+        if "streams" not in state:
+            raise ValueError("loader state from before canonical streams (no 'streams'): it cannot be continued "
+                             "exactly; start a new run directory")
+        if state["global_batch"] != self.global_batch:
+            raise ValueError(f"the run was started with global batch {state['global_batch']}, this one has "
+                             f"{self.global_batch}: keep train.global_batch={state['global_batch']} to resume")
+        self._set_plan(state["global_batch"], state["streams"])
+        self.epoch, self.batches, self.micro, self.skipped = state["epoch"], state["batches"], 0, state["skipped"]

@@ -27,20 +27,31 @@ class BatchPlan:
     micro_batch: int
     accumulation: int
     world_size: int
+    streams: int = 0
+    """Canonical loader streams (retro_dist.data.loader): fixed when a run starts, they fix the global order."""
 
     @property
     def global_batch(self) -> int:
         return self.micro_batch * self.accumulation * self.world_size
 
 
-def batch_plan(global_batch: int, micro_batch: int, world_size: int) -> BatchPlan:
+def batch_plan(global_batch: int, micro_batch: int, world_size: int, streams: int | None = None) -> BatchPlan:
+    """micro_batch x accumulation x world_size = global batch, with `streams` canonical loader streams (default
+    gcd(global batch, 8); a resumed run passes its recorded count) that the world size divides and that divide the
+    global batch. Bad numbers are one line naming the ones that work."""
+    from retro_dist.data.loader import check_streams, default_streams  # the loader owns the stream rules
+
     per_step = micro_batch * world_size
     if global_batch == 0:
-        return BatchPlan(micro_batch, 1, world_size)
+        global_batch = per_step
     if global_batch % per_step:
+        share = [b for b in range(1, global_batch + 1) if global_batch % (b * world_size) == 0]
         raise ValueError(f"train.global_batch={global_batch} is not a multiple of data.micro_batch={micro_batch} x "
-                         f"{world_size} ranks = {per_step}; pick a global batch that is, or change the micro batch")
-    return BatchPlan(micro_batch, global_batch // per_step, world_size)
+                         f"{world_size} ranks = {per_step}; pick a global batch that is, or a micro batch of "
+                         f"{', '.join(map(str, share)) or 'none: use fewer ranks'}")
+    streams = streams or default_streams(global_batch, world_size)
+    check_streams(global_batch, streams, world_size, micro_batch)
+    return BatchPlan(micro_batch, global_batch // per_step, world_size, streams)
 
 
 def resolve_precision(precision: str, device_type: str) -> str:

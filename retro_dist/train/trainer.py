@@ -64,7 +64,8 @@ class Trainer:
         d = run.data
         self.loader = RetroLoader(d.dataset, "train", batch_size=d.micro_batch, num_workers=d.num_workers,
                                   seed=run.train.seed, num_neighbors=d.num_neighbors, retrieval=d.retrieval,
-                                  on_bad_sample=d.on_bad_sample, shard_urls=d.shard_urls)
+                                  on_bad_sample=d.on_bad_sample, shard_urls=d.shard_urls,
+                                  global_batch=plan.global_batch, streams=plan.streams)
         self.checkpointer = Checkpointer(engine, self.run_dir, keep=run.checkpoint.keep)
         self.metrics = Metrics(self.run_dir, enabled=run.logging.tensorboard and self.rank == 0)
         self.step = 0
