@@ -10,12 +10,14 @@ same batch every step, so the loss must fall), and rank 0 prints what it saw as 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from tests.train_helpers import ROOT, env
+from tests.train_helpers import ROOT, env, losses, tiny_args, train
 
 GLOBAL_BATCH, STEPS, SEQ, CHUNK = 4, 3, 64, 16
 
@@ -117,6 +119,45 @@ def test_zero3_losses_equal_zero2_at_every_world_size(results, world):
     assert zero3 == pytest.approx(zero2, abs=2e-4)
     assert zero3 == pytest.approx(results[1][2]["losses"], abs=2e-4)  # and the world size does not matter
     assert zero2[-1] < zero2[0] - 0.1  # the steps trained something
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from data_prep.corpora import stdlib_docstrings, write_corpus
+    from data_prep.pipeline import main as prepare
+    root = tmp_path_factory.mktemp("zero3")
+    corpus = write_corpus(root / "corpus", stdlib_docstrings(200))
+    assert prepare(["--input", str(corpus), "--out", str(root / "ds"), "--vocab-size", "512", "--chunk-size", "16",
+                    "--seq-len", "64", "--embedder", "hash-64", "--num-neighbors", "2", "--shard-samples", "40",
+                    "--val-fraction", "0.05"]) == 0
+    return root / "ds"
+
+
+@pytest.mark.slow
+def test_train_cli_under_zero3_counts_every_parameter_and_resumes_exactly(dataset, tmp_path):
+    """`retro-dist train` at stage 3 with activation checkpointing: the start-up line counts the whole model (it
+    said 0.0M once parameters were partitioned), and a resume from a stage-3 checkpoint repeats the losses."""
+    from retro_dist import RETRO
+    from retro_dist.data.format import load_manifest
+    from retro_dist.model.presets import preset_config
+    m = load_manifest(dataset)
+    expected = RETRO(preset_config("tiny", num_tokens=m["vocab_size"], max_seq_len=m["seq_len"],
+                                   chunk_size=m["chunk_size"], pad_id=m["pad_id"])).num_parameters
+    run_dir = tmp_path / "run"
+    args = tiny_args(dataset, run_dir, "--train.steps=8", "--train.zero_stage=3", "--logging.val_every=0",
+                     "--train.activation_checkpointing=every")
+    first = train(2, args)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert re.search(rf"training {expected / 1e6:.1f}M parameters .* ZeRO 3,", first.stdout), first.stdout[-2000:]
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000008")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000004")
+    resumed = train(2, args)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "resumed from step_00000004" in resumed.stdout
+    after, before = losses(resumed.stdout), losses(first.stdout)
+    assert sorted(after) == [5, 6, 7, 8]
+    for step, loss in after.items():
+        assert loss == pytest.approx(before[step], abs=2e-4), step
 
 
 if __name__ == "__main__":
