@@ -36,7 +36,8 @@ if [ "${NO_SSH:-0}" = 1 ]; then
   : "${NODE_RANK:?NO_SSH=1 needs NODE_RANK (0 on the first host)}"
   hosts=$(grep -cvE '^[[:space:]]*(#|$)' "$HOSTFILE")
   [[ "$NODE_RANK" =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "$hosts" ] ||
-    die "NODE_RANK=$NODE_RANK but hostfile $HOSTFILE lists $hosts hosts: give each node its position among them, 0 to $((hosts - 1))"
+    die "NODE_RANK=$NODE_RANK but hostfile $HOSTFILE lists $hosts hosts: give each node its position," \
+        "0 to $((hosts - 1))"
   extra=(--no_ssh --node_rank "$NODE_RANK")
 fi
 exec "$VENV/bin/deepspeed" --hostfile "$HOSTFILE" "${extra[@]}" --master_addr "$MASTER_ADDR" \

@@ -204,21 +204,26 @@ def uninterrupted_losses(dataset, tmp_path_factory):
 def test_slurm_signal_checkpoints_requeues_and_resumes(dataset, uninterrupted_losses, slurm, tasks, scancel,
                                                        tmp_path):
     """Preemption as SLURM delivers it. per-rank: srun starts the ranks; SIGTERM as `scancel --signal=TERM` sends it,
-    to every process of the job step, DataLoader workers included; the job comes back on 1 node instead of 2
-    (1 rank with accumulation 2 instead of 2 ranks). per-node: one torchrun per node, a run directory with spaces
-    in its name; the warning signal as --signal=B:USR1@T sends it, to the batch script alone, which passes it on to
-    every process of the step (torchrun included, as --signal=USR1@T would); the job comes back on the same 2 nodes.
-    Either way the ranks save and exit 75, the script requeues the job, and the requeued job continues the
+    to every process of the job step, DataLoader workers included; the job comes back on another allocation, 1 node
+    instead of 2 (1 rank with accumulation 2 instead of 2 ranks), as a new job in place of the requeued one.
+    per-node: one torchrun per node, a run directory with spaces in its name; the warning signal as
+    --signal=B:USR1@T sends it, to the batch script alone, which passes it on to every process of the step
+    (torchrun included, as --signal=USR1@T would); the requeued job comes back on the same 2 nodes.
+    Either way the ranks save and exit 75, the script requeues the job, and the resumed job continues the
     uninterrupted curve at every later step."""
     out = tmp_path / "job.out"
     cluster_env = {**slurm, **env(), "SLURM_CONF": slurm["SLURM_CONF"], "RETRO_TASKS": tasks, "NPROC_PER_NODE": "1"}
     run_dir = tmp_path / ("slurm per node" if tasks == "per-node" else "run")
-    submitted = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--time=10",
-                                f"--output={out}", str(ROOT / "launch" / "slurm" / "train.sbatch"),
-                                *resume_args(dataset, run_dir)],
-                               env=cluster_env, capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip().split(";")[0]
+
+    def submit(nodes: int, output: Path) -> str:
+        submitted = subprocess.run(["sbatch", "--parsable", f"--nodes={nodes}", "--ntasks-per-node=1", "--time=10",
+                                    f"--output={output}", str(ROOT / "launch" / "slurm" / "train.sbatch"),
+                                    *resume_args(dataset, run_dir)],
+                                   env=cluster_env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert submitted.returncode == 0, submitted.stderr
+        return submitted.stdout.strip().split(";")[0]
+
+    job = submit(2, out)
     log = lambda: out.read_text() if out.exists() else ""  # noqa: E731
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not re.search(r"^step ([8-9]|\d\d)/", log(), re.M) and \
@@ -230,22 +235,29 @@ def test_slurm_signal_checkpoints_requeues_and_resumes(dataset, uninterrupted_lo
         if _job_done(job, cluster_env) and ("requeueing job" not in log() or "restart 1" in log()):
             break  # finished, or failed without a requeue (a requeued job waits as PENDING)
         if "requeueing job" in log() and "restart 1" not in log():
+            state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=cluster_env, capture_output=True,
+                                   text=True).stdout.strip()
+            if tasks == "per-rank" and state == "PENDING":
+                # the job comes back on another allocation: 1 node. (scontrol update NumNodes/NumTasks of the
+                # requeued job is accepted, but its batch environment keeps SLURM_NTASKS=2: submit anew)
+                subprocess.run(["scancel", job], env=cluster_env, check=True)
+                out = tmp_path / "job-1-node.out"
+                job = submit(1, out)
+                continue
             # slurmctld holds a requeued job back (BeginTime) for about two minutes: release it now (again until it
-            # starts: an update while the job still completes does not hold), per-rank on another allocation
-            update = ["scontrol", "update", f"JobId={job}", "StartTime=now"]
-            if tasks == "per-rank":
-                update += ["NumNodes=1", "NumTasks=1"]
-            subprocess.run(update, env=cluster_env, capture_output=True)
+            # starts: an update while the job still completes does not hold)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster_env,
+                           capture_output=True)
             time.sleep(1.5)
         time.sleep(0.5)
-    text = log()
-    assert "checkpoint saved, exit code 75" in text and "requeueing job" in text, text[-3000:]
-    assert "restart 1" in text, text[-3000:]
+    first = (tmp_path / "job.out").read_text()
+    assert "checkpoint saved, exit code 75" in first and "requeueing job" in first, first[-3000:]
+    text = log() if tasks == "per-rank" else log().split("restart 1")[-1]
+    assert tasks == "per-rank" or "restart 1" in log(), log()[-3000:]
     resumed = re.search(r"resumed from step_\d{8} at step (\d+)", text)
     assert resumed and f"step {RESUME_STEPS}/{RESUME_STEPS}" in text, text[-3000:]
-    if tasks == "per-rank":
-        assert "on 1 cpu rank(s) (slurm)" in text.split("restart 1")[1], text[-3000:]
-    after = {step: loss for step, loss in losses(text.split("restart 1")[1]).items()}
+    assert f"on {1 if tasks == 'per-rank' else 2} cpu rank(s)" in text, text[-3000:]
+    after = losses(text)
     assert sorted(after) == list(range(int(resumed.group(1)) + 1, RESUME_STEPS + 1))
     # fp32; the console prints 4 decimals
     assert after == {step: pytest.approx(uninterrupted_losses[step], abs=2e-4) for step in after}
