@@ -109,8 +109,9 @@ def run_stage(stage: str, root: Path, config: PrepareConfig, world: World,
 
 def outputs_signature(root: Path) -> set[tuple[str, int, int, int]]:
     """Name, inode, size and mtime of every output file of the dataset directory: the manifest and hidden work
-    (temporaries, parts, the lock) left out. Stages replace outputs by rename or write them in place, so any
-    change to an output changes this."""
+    (temporaries, parts, the lock) left out. Stages work in hidden temporaries and publish by renaming them over
+    their outputs (a new inode), so a stage that published anything changes this; one that did not can have
+    its manifest put back."""
     found = set()
     for path in root.rglob("*"):
         relative = path.relative_to(root)
