@@ -1,9 +1,11 @@
 """Loader throughput against what training consumes, and the cost of a deep resume. Not a test.
 
 Builds (or reuses, with --dataset) a dataset of the standard library's docstrings with the hash embedder at
-seq_len 2048, then prints one table: loader samples/s with 0, 1 and 2 workers; the samples/s a forward + backward +
-AdamW step of the tiny and reference models consumes (bf16 autocast, this box); their ratio (target >= 20x); and
-the time to the first batch after resuming at the last batch of an epoch versus from its start.
+seq_len 2048, then prints one table: loader samples/s with 0, 1 and 2 workers, for this loader (canonical streams,
+default streams for a global batch of --batch-size on 1 rank) and side by side for the loader before canonical
+streams (its source read from git at BEFORE_STREAMS, so the library keeps one plan); the samples/s a forward +
+backward + AdamW step of the tiny and reference models consumes (bf16 autocast, this box); their ratio (target
+>= 20x); and the time to the first batch after resuming at the last batch of an epoch versus from its start.
 
     python bench/loader.py [--dataset DIR] [--batches 60]
 """
@@ -12,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +29,24 @@ from retro_dist.data.loader import RetroLoader
 from retro_dist.model.presets import preset_config
 
 
-def loader_rate(dataset: Path, workers: int, batches: int, batch_size: int) -> float:
-    loader = RetroLoader(dataset, "train", batch_size=batch_size, num_workers=workers)
+BEFORE_STREAMS = "e951ac51388120420c9635ff7b37c1d13f26375d"  # the last commit whose loader dealt shards per rank
+
+
+def loader_before_streams():
+    """The RetroLoader class of BEFORE_STREAMS, loaded from git next to this one (same shards.py and format.py)."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{BEFORE_STREAMS}:retro_dist/data/loader.py"], cwd=root,
+                            capture_output=True, text=True, check=True).stdout
+    spec = importlib.util.spec_from_loader("retro_dist.data._loader_before_streams", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "retro_dist.data"
+    sys.modules[spec.name] = module  # DataLoader workers (fork) find the class through its module
+    exec(compile(source, f"{BEFORE_STREAMS[:7]}:retro_dist/data/loader.py", "exec"), module.__dict__)
+    return module.RetroLoader
+
+
+def loader_rate(cls, dataset: Path, workers: int, batches: int, batch_size: int) -> float:
+    loader = cls(dataset, "train", batch_size=batch_size, num_workers=workers)
     stream = loader.forever()
     next(stream)  # worker start-up is not throughput
     start = time.perf_counter()
@@ -61,7 +82,7 @@ def first_batch_seconds(dataset: Path, batch_size: int, at_batch: int | None) ->
     probe = RetroLoader(dataset, "train", batch_size=batch_size)
     loader = RetroLoader(dataset, "train", batch_size=batch_size)
     if at_batch is not None:
-        state = probe.state_dict() | {"batches": at_batch, "num_workers": -1}  # forces the derived position
+        state = probe.state_dict() | {"batches": at_batch}  # positions are always derived from the counts
         start = time.perf_counter()
         loader.load_state_dict(state)
     else:
@@ -87,7 +108,9 @@ def main() -> None:
             assert prepare(["--input", str(corpus), "--out", str(dataset), "--embedder", "hash-256",
                             "--vocab-size", "8000", "--shard-samples", "16"]) == 0
         manifest = load_manifest(dataset)
-        rates = {w: loader_rate(dataset, w, args.batches, args.batch_size) for w in (0, 1, 2)}
+        old = loader_before_streams()
+        rates = {w: {name: loader_rate(cls, dataset, w, args.batches, args.batch_size)
+                     for name, cls in (("before", old), ("streams", RetroLoader))} for w in (0, 1, 2)}
         consume = {"tiny": training_rate("tiny", manifest, 8), "reference": training_rate("reference", manifest, 2)}
         per_epoch = len(RetroLoader(dataset, "train", batch_size=args.batch_size))
         cold = first_batch_seconds(dataset, args.batch_size, None)
@@ -96,9 +119,12 @@ def main() -> None:
     print(f"\ndataset: seq_len {manifest['seq_len']}, {manifest['num_neighbors']} neighbors, "
           f"{manifest['counts']['train']['samples']} train samples in {len(manifest['shards']['train'])} shards; "
           f"batch {args.batch_size}; {torch.get_num_threads()} torch threads\n")
-    print(f"{'loader workers':<16}{'samples/s':>10}  " + "  ".join(f"{'x ' + p + ' training':>20}" for p in consume))
-    for w, rate in rates.items():
-        print(f"{w:<16}{rate:>10.0f}  " + "  ".join(f"{rate / c:>19.1f}x" for c in consume.values()))
+    print(f"{'loader workers':<16}{'plan':<10}{'samples/s':>10}  " +
+          "  ".join(f"{'x ' + p + ' training':>20}" for p in consume) + f"{'streams / before':>18}")
+    for w, by_plan in rates.items():
+        for name, rate in by_plan.items():
+            print(f"{w:<16}{name:<10}{rate:>10.0f}  " + "  ".join(f"{rate / c:>19.1f}x" for c in consume.values()) +
+                  (f"{rate / by_plan['before']:>17.2f}x" if name == "streams" else ""))
     print("\ntraining consumes (fwd+bwd+AdamW, bf16 autocast): " +
           ", ".join(f"{p} {c:.1f} samples/s" for p, c in consume.items()))
     print(f"time to first batch: from the epoch start {cold:.3f}s, resumed at batch {per_epoch - 1} of {per_epoch} "

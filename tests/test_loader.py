@@ -285,3 +285,18 @@ def test_skip_takes_replacements_and_keeps_ranks_equal(dataset, tmp_path, damage
             assert not bad & {s for run in runs for b in run for s in b} or damage == "truncate"
             single = RetroLoader(ds, "train", batch_size=4, global_batch=4, on_bad_sample="skip", seed=seed)
             assert _global_batches([single]) == [sorted(a + b) for a, b in zip(runs[0], runs[1])][: len(single)]
+
+
+def test_corrupt_shard_in_a_worker_is_one_line(dataset, tmp_path):
+    """Issue 14 item 6: the error a worker hits reaches the main process as the worker's own one line (shard and
+    what is wrong), not wrapped in DataLoader's "Caught ... Original Traceback"."""
+    ds = _copy(dataset, tmp_path)
+    path = Layout(ds).shards / load_manifest(ds)["shards"]["train"][2]["name"]
+    data = bytearray(path.read_bytes())
+    data[5000] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError) as caught:
+        epoch(RetroLoader(ds, "train", batch_size=2, num_workers=1))
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message and len(message) < 300, message
+    assert re.search(r"train-000002.tar: sha256 differs", message)

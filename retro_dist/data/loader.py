@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .format import DatasetError, Layout, load_manifest, load_npy, neighbor_tokens
-from .shards import Sample, SampleSpec, read_shard
+from .shards import DataError, Sample, SampleSpec, read_shard
 
 _MIX = 0x9E3779B97F4A7C15  # seeds of (seed, epoch, shard) kept apart
 
@@ -133,7 +133,15 @@ class _EpochStream(IterableDataset):
         worker = 0 if info is None else info.id
         if worker >= active:
             return
-        yield from self.loader._pieces(self.epoch, mine[worker::active], self.first)
+        try:
+            yield from self.loader._pieces(self.epoch, mine[worker::active], self.first)
+        except (DataError, DatasetError) as e:
+            if info is None:
+                raise
+            # DataLoader would re-raise it as "Caught DataError in DataLoader worker process 0. Original Traceback
+            # ...": the user's one line (which shard, what is wrong) buried in a worker traceback. Handed over as a
+            # value, the main process raises it as it is.
+            yield -1, -1, e
 
 
 class RetroLoader:
@@ -293,6 +301,8 @@ class RetroLoader:
                             prefetch_factor=4 if self.num_workers else None)
         mine, pending = self.rank_streams(), {}
         for t, s, piece in loader:
+            if isinstance(piece, Exception):
+                raise piece
             pending.setdefault(t, {})[s] = piece
             if len(pending[t]) == len(mine):
                 done = pending.pop(t)
