@@ -92,8 +92,10 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from retro_dist.generate import describe, generate, load_for_generation
+    from retro_dist.generate import check_sampling, describe, generate, load_for_generation
 
+    check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   max_new_tokens=args.max_new_tokens)
     model, retriever = load_for_generation(args.model, args.dataset, num_neighbors=args.neighbors)
     prompt = retriever.tokenizer.encode(args.prompt, add_special_tokens=False).ids
     out = generate(model, retriever, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -151,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dataset", required=True, help="the dataset (index, database, embedder) to retrieve from")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    gen.add_argument("--top-k", type=int, default=0, help="0 means no top-k filter")
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy; sampling above 0")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens; 0 means no filter")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 means no filter")
     gen.add_argument("--neighbors", type=int, default=None, help="neighbors per chunk (default: the dataset's)")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run=_generate)

@@ -8,7 +8,6 @@ RETRO-pytorch does.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,25 +57,26 @@ class Generation:
     neighbor_ids: list[np.ndarray] = field(default_factory=list)  # per completed chunk
 
 
-def check_same_tokenizer(model_dir: str | Path, dataset: str | Path) -> None:
-    mine, theirs = Path(model_dir) / "tokenizer.json", Layout(dataset).tokenizer
-    if not mine.is_file():
-        return  # a model without a tokenizer uses the dataset's
-    if json.loads(mine.read_text()).get("model") != json.loads(theirs.read_text()).get("model"):
-        raise ValueError(f"the model's tokenizer ({mine}) differs from the dataset's ({theirs}): retrieve from the "
-                         f"dataset the model was trained on")
-
-
 def load_for_generation(model_dir: str | Path, dataset: str | Path, *,
                         num_neighbors: int | None = None) -> tuple[RETRO, Retriever]:
     """An exported model (fp32, eval mode) and a retriever over the dataset it was trained on, checked to match."""
-    from retro_dist.data.loader import check_compatible
+    from retro_dist.compat import check_model_fits_dataset
 
-    check_same_tokenizer(model_dir, dataset)
     model = RETRO.from_pretrained(model_dir).float().eval()
-    retriever = Retriever(dataset, num_neighbors=num_neighbors)
-    check_compatible(retriever.manifest, model.config)
-    return model, retriever
+    check_model_fits_dataset(model_dir, model.config, dataset, load_manifest(dataset))
+    return model, Retriever(dataset, num_neighbors=num_neighbors)
+
+
+def check_sampling(*, temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
+    """One line for a sampling setting outside its range (checked before anything is loaded)."""
+    if not temperature >= 0:  # `not >=` also refuses nan
+        raise ValueError(f"temperature={temperature} must be 0 (greedy) or positive (e.g. 0.7)")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} must be 0 (no top-k filter) or a positive number of tokens")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must lie in (0, 1] (1 means no nucleus filter)")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be 0 or more")
 
 
 def _sample(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
@@ -99,6 +99,7 @@ def generate(model: RETRO, retriever: Retriever, prompt: list[int], *, max_new_t
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              use_cache: bool = True) -> Generation:
     c = model.config
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token of text")
     if len(prompt) > c.max_seq_len:

@@ -15,7 +15,9 @@ from data_prep.corpora import stdlib_docstrings, write_corpus
 from data_prep.pipeline import main as prepare
 from retro_dist import RETRO, RetroConfig
 from retro_dist.data.format import Layout, load_manifest
-from retro_dist.generate import Retriever, check_same_tokenizer, generate
+from retro_dist.cli import main as cli_main
+from retro_dist.compat import check_same_tokenizer
+from retro_dist.generate import Retriever, generate
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +93,19 @@ def test_cli_shows_neighbors(dataset, model_dir):
     empty = subprocess.run([str(exe), "generate", "--model", str(model_dir), "--dataset", str(dataset), "--prompt", ""],
                            capture_output=True, text=True, timeout=300)
     assert empty.returncode == 2 and empty.stderr.count("\n") == 1 and "prompt is empty" in empty.stderr
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--top-k", "-1", "top_k=-1 must be 0 (no top-k filter) or a positive number of tokens"),
+    ("--temperature", "-1", "temperature=-1.0 must be 0 (greedy) or positive"),
+    ("--temperature", "nan", "temperature=nan must be 0 (greedy) or positive"),
+    ("--top-p", "0", "top_p=0.0 must lie in (0, 1]"),
+    ("--top-p", "1.5", "top_p=1.5 must lie in (0, 1]"),
+])
+def test_cli_refuses_sampling_settings_out_of_range(dataset, model_dir, option, value, message, capsys):
+    """`--top-k -1` was a traceback from torch.topk (with a temperature) and `--temperature -1` was taken as greedy."""
+    code = cli_main(["generate", "--model", str(model_dir), "--dataset", str(dataset), "--prompt", "Return the",
+                     "--temperature", "0.8", option, value])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and not out, err
+    assert err.startswith(f"retro-dist generate: error: {message}")
