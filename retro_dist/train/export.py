@@ -17,7 +17,8 @@ On-disk layout (DeepSpeed 0.19, as its `deepspeed/utils/zero_to_fp32.py` reads i
     parameters lie in `param_shapes[g]` order, each followed by its `param_alignment_paddings[g][i]`.
     ZeRO 3: every parameter is split on its own into ceil(numel / N) elements per rank (the last padded);
     `fp32_flat_groups` of rank R concatenates rank R's pieces of every parameter in `param_shapes` order.
-  - a plain stage-0 checkpoint has no partitions: `mp_rank_00_model_states.pt`'s `module` is the whole model.
+  - a plain stage-0 checkpoint has no partitions: `mp_rank_00_model_states.pt`'s `module` is the whole model, and
+    under bf16/fp16 its `optimizer.fp32_groups` holds the fp32 masters.
 """
 
 from __future__ import annotations
@@ -73,7 +74,12 @@ class Partitions:
     files: list[Path] = field(default_factory=list)  # rank R's optimizer file at R; empty for a plain stage 0
     groups_key: str = ""
     pieces: dict[str, list[_Piece]] = field(default_factory=dict)
-    fixed: dict[str, torch.Tensor] = field(default_factory=dict)  # buffers (and stage 0's module), read as is
+    fixed: dict[str, torch.Tensor] = field(default_factory=dict)  # buffers of a ZeRO checkpoint, read once
+    model_file: Path | None = None  # plain stage 0: the tensors in `whole` are read from here, a batch at a time
+    whole: dict[str, tuple] = field(default_factory=dict)  # name -> its keys inside model_file's dict
+
+    def is_floating(self, name: str) -> bool:
+        return name in self.pieces or name in self.whole or self.fixed[name].is_floating_point()
 
     @torch.no_grad()  # the saved groups require grad: a copy under autograd would keep every mapping alive
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -93,20 +99,27 @@ class Partitions:
                         mapped += n
             del groups  # unmaps the file before the next rank's
         result = {n: out[n].view(self.shapes[n]) for n in out}
+        wanted = [n for n in names if n in self.whole]
+        states = _load(self.model_file) if wanted else None
+        for name in wanted:
+            t = states
+            for key in self.whole[name]:
+                t = t[key]
+            t = t.reshape(self.shapes[name])  # a slice of a flat group has the parameter's shape
+            result[name] = t.to(torch.float32 if t.is_floating_point() else t.dtype, copy=True)
+        del states  # unmapped: its touched pages leave the RSS
         for name in names:
-            if name not in out:
+            if name not in result:
                 result[name] = self.fixed[name]
         return result
 
 
-def open_checkpoint(directory: Path) -> Partitions:
+def open_checkpoint(directory: Path, config: RetroConfig) -> Partitions:
     """Locate every tensor of a whole checkpoint directory without reading any weights."""
     optim = {int(m.group(1)): p for p in directory.glob("*zero_pp_rank_*_optim_states.pt")
              if (m := _OPTIM_FILE.search(p.name))}
-    if not optim:  # plain stage 0: the module is the model
-        module = _load(directory / "mp_rank_00_model_states.pt")["module"]
-        fixed = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-        return Partitions(directory, {k: tuple(v.shape) for k, v in fixed.items()}, fixed=fixed)
+    if not optim:
+        return _open_stage0(directory, config)
     head = _load(optim[min(optim)])["optimizer_state_dict"]
     stage = int(head.get("zero_stage", 1))  # bf16's stage-0 optimizer writes no stage: its layout is ZeRO 1's
     count = head["partition_count"]
@@ -135,6 +148,43 @@ def open_checkpoint(directory: Path) -> Partitions:
         if source in pieces:
             pieces[alias], shapes[alias] = pieces[source], shapes[source]
     return Partitions(directory, shapes, [optim[r] for r in range(world)], groups_key, pieces, fixed)
+
+
+def _open_stage0(directory: Path, config: RetroConfig) -> Partitions:
+    """Plain stage 0: the module is the model. Under bf16 or fp16 the module holds 16-bit weights and the fp32
+    masters are the optimizer's `fp32_groups` (one list per parameter group, in the group's order; bf16, and fp16's
+    unfused optimizer) or `fp32_groups_flat` (one flat tensor per group: fp16's fused optimizer); the groups are the
+    trainer's `param_groups` of the model, rebuilt on the meta device to name them."""
+    from .parallelize import param_groups
+
+    model_file = directory / "mp_rank_00_model_states.pt"
+    states = _load(model_file)
+    module = states["module"]
+    shapes = {k: tuple(v.shape) for k, v in module.items()}
+    whole = {k: ("module", k) for k in module}
+    optimizer = states.get("optimizer") or {}
+    masters, flat = optimizer.get("fp32_groups"), optimizer.get("fp32_groups_flat")
+    if masters is not None or flat is not None:
+        with torch.device("meta"):
+            model = RETRO(config)
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = [[names[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
+        if masters is not None:
+            fits = [len(g) for g in groups] == [len(g) for g in masters] and all(
+                shapes.get(n) == tuple(t.shape) for g, ts in zip(groups, masters) for n, t in zip(g, ts))
+            whole.update({n: ("optimizer", "fp32_groups", gi, i) for gi, g in enumerate(groups)
+                          for i, n in enumerate(g)})
+        else:  # one flat tensor per group: the group's parameters one after another
+            sizes = [[math.prod(shapes.get(n, (-1,))) for n in g] for g in groups]
+            fits = [sum(z) for z in sizes] == [t.numel() for t in flat]
+            for gi, (g, z) in enumerate(zip(groups, sizes)):
+                for n, start, numel in zip(g, itertools.accumulate([0, *z]), z):
+                    whole[n] = ("optimizer", "fp32_groups_flat", gi, slice(start, start + numel))
+        if not fits:
+            raise ValueError(f"checkpoint {directory}: the optimizer's fp32 master weights do not follow the "
+                             f"model's parameter groups; it was saved by another model shape")
+    del states, module, optimizer, masters, flat
+    return Partitions(directory, shapes, model_file=model_file, whole=whole)
 
 
 def _pieces_zero12(param_shapes: list[dict], sizes: list[int], world: int,
@@ -248,10 +298,10 @@ def export(run_dir: str | Path, out: str | Path, *, step: int | None = None, dty
         raise ValueError(f"--out {out} exists and is not a directory: choose another path")
     run_config = json.loads(config_path.read_text())
     config = RetroConfig.from_dict(run_config["resolved"]["model"])
-    source = open_checkpoint(checkpoints / tag)
+    source = open_checkpoint(checkpoints / tag, config)
     check_names(config, source.shapes, tag)
-    specs = [TensorSpec(name, shape, DTYPES[dtype] if name in source.pieces or source.fixed[name].is_floating_point()
-                        else source.fixed[name].dtype) for name, shape in source.shapes.items()]
+    specs = [TensorSpec(name, shape, DTYPES[dtype] if source.is_floating(name) else source.fixed[name].dtype)
+             for name, shape in source.shapes.items()]
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
