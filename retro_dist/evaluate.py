@@ -233,11 +233,11 @@ def format_report(r: dict[str, Any]) -> str:
 def evaluate_model(model_dir: str, dataset: str, *, split: str = "val", batch_size: int = 4, max_samples: int = 0,
                    num_neighbors: int | None = None, seed: int = 0) -> dict[str, Any]:
     """`retro-dist eval`: an exported model over a split, on this process."""
-    from retro_dist.data.loader import check_compatible
+    from retro_dist.compat import check_model_fits_dataset
     from retro_dist.model import RETRO
 
     model = RETRO.from_pretrained(model_dir).float().eval()
-    check_compatible(load_manifest(dataset), model.config)
+    check_model_fits_dataset(model_dir, model.config, dataset, load_manifest(dataset))
     evaluator = Evaluator(dataset, split, batch_size=batch_size, max_samples=max_samples,
                           num_neighbors=num_neighbors, seed=seed)
     return evaluator.run(model) | {"split": split, "samples": evaluator.num_samples}

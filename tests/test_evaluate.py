@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 from data_prep.corpora import stdlib_docstrings, write_corpus
 from data_prep.pipeline import main as prepare
+from retro_dist.cli import main as cli_main
 from retro_dist.data.format import Layout, load_manifest, load_npy
 from retro_dist.evaluate import (BUCKET_EDGES, Evaluator, format_report, gain, longest_common_run,
                                  random_neighbor_ids)
@@ -145,3 +148,35 @@ def test_overlap_buckets_count_every_window(dataset):
         assert overlap[0, i] == pytest.approx(best / max(1, len(target)))
     text = format_report(r)
     assert "random neighbors" in text and "loss by overlap" in text
+
+
+def test_eval_and_generate_refuse_another_tokenizer_alike(dataset, tmp_path, capsys):
+    """A dataset tokenized by another tokenizer, of the same vocabulary size or a smaller one, passes the manifest
+    check (ids stay below num_tokens) but its ids mean other words to the model: eval printed perplexities for it
+    while generate refused. Both refuse now, with the same line."""
+    model_dir = tmp_path / "model"
+    tiny_model(dataset).save_pretrained(model_dir)
+    data = json.loads(Layout(dataset).tokenizer.read_text())
+    vocab = data["model"]["vocab"]
+    first, second = list(vocab)[10:12]  # another tokenizer of the same size: two ids swapped
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (model_dir / "tokenizer.json").write_text(json.dumps(data))
+
+    corpus = write_corpus(tmp_path / "corpus", stdlib_docstrings(60))
+    smaller = tmp_path / "smaller"  # its own tokenizer of 300 tokens, the model has 400
+    assert prepare(["--input", str(corpus), "--out", str(smaller), "--vocab-size", "300", "--chunk-size", "16",
+                    "--seq-len", "64", "--embedder", "hash-64", "--num-neighbors", "2"]) == 0
+    assert load_manifest(smaller)["vocab_size"] < load_manifest(dataset)["vocab_size"]
+    capsys.readouterr()  # prepare's progress lines
+    for data_dir, model in ((dataset, model_dir), (smaller, model_dir), (smaller, model_dir.with_name("same"))):
+        if model.name == "same":  # the model's own tokenizer, a smaller vocabulary in the dataset
+            shutil.copytree(model_dir, model)
+            shutil.copy(Layout(dataset).tokenizer, model / "tokenizer.json")
+        errors = []
+        for command, extra in (("eval", []), ("generate", ["--prompt", "Return the"])):
+            code = cli_main([command, "--model", str(model), "--dataset", str(data_dir), *extra])
+            out, err = capsys.readouterr()
+            assert code == 2 and err.count("\n") == 1 and not out, (command, out, err)
+            errors.append(err.removeprefix(f"retro-dist {command}: error: "))
+        assert errors[0] == errors[1], errors
+        assert f"the model's tokenizer ({model / 'tokenizer.json'}) differs from the dataset's" in errors[0]
