@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB, SEQ, NEIGHBORS = 32000, 2048, 2  # bench/model_step.py's reference shapes
+VOCAB, SEQ, NEIGHBORS = 32000, 2048, 2  # bench/model_step.py's reference shapes (--rss-seq changes SEQ)
 GB = 1e9
 
 
@@ -232,8 +232,9 @@ def rss_worker(args: argparse.Namespace) -> None:
     ds_config = build_ds_config(run, engine_settings(run), batch_plan(0, 1, info.world_size), args.precision)
     config = preset_config(args.preset, num_tokens=VOCAB, max_seq_len=SEQ)
     g = torch.Generator().manual_seed(0)
-    seq = torch.randint(1, VOCAB, (1, SEQ + 1), generator=g)
-    retrieved = torch.randint(1, VOCAB, (1, SEQ // config.chunk_size, NEIGHBORS, 2 * config.chunk_size), generator=g)
+    n = args.rss_seq  # the model is built for SEQ; a shorter step changes only the activations, not the state
+    seq = torch.randint(1, VOCAB, (1, n + 1), generator=g)
+    retrieved = torch.randint(1, VOCAB, (1, n // config.chunk_size, NEIGHBORS, 2 * config.chunk_size), generator=g)
     gc.collect()
     figures = {"base": rss("VmRSS")}  # imports, process group, inputs: everything below is above this
     reset_peak()
@@ -305,12 +306,13 @@ def mem_available() -> float:
     return 0.0
 
 
-def run_rss(preset: str, nproc: int, stage: int, precision: str, timeout: int, mmap_threshold: int) -> dict:
+def run_rss(preset: str, nproc: int, stage: int, precision: str, timeout: int, mmap_threshold: int,
+            seq: int) -> dict:
     from retro_dist.dist import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), __file__, "--worker", "rss", "--preset", preset,
-           "--stage", str(stage), "--precision", precision]
+           "--stage", str(stage), "--precision", precision, "--rss-seq", str(seq)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
@@ -331,7 +333,8 @@ def rss_tables(args: argparse.Namespace) -> None:
     malloc = (f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}" if args.malloc_mmap_threshold else
               "glibc's default (dynamic) mmap threshold")
     print(f"\npeak RSS per rank (VmHWM of each rank's process, reset at each phase; the largest rank), less the "
-          f"rank's RSS before the model; {precision} ({pb} B/param), vocab {VOCAB}, seq {SEQ}, micro-batch 1, "
+          f"rank's RSS before the model; {precision} ({pb} B/param), vocab {VOCAB}, max_seq_len {SEQ}, steps of "
+          f"{args.rss_seq} tokens, micro-batch 1, "
           f"{NEIGHBORS} neighbors, activation checkpointing every block, ds_configs/zeroS.json, 2 steps, {malloc}; "
           f"GB = 1e9 bytes\n"
           f"columns: build / init / step = peak of that phase, theory beside build; after = RSS after the steps; "
@@ -358,7 +361,7 @@ def rss_tables(args: argparse.Namespace) -> None:
                     print(f"{preset:<10}{nproc:>2}{stage:>5} | not measured: needs ~{need / GB:.1f} GB, limit "
                           f"{args.max_gb} GB, {mem_available() / GB:.1f} GB available")
                     continue
-                r = run_rss(preset, nproc, stage, precision, args.timeout, args.malloc_mmap_threshold)
+                r = run_rss(preset, nproc, stage, precision, args.timeout, args.malloc_mmap_threshold, args.rss_seq)
                 if "error" in r:
                     print(f"{preset:<10}{nproc:>2}{stage:>5} | failed: {r['error']}")
                     continue
@@ -392,6 +395,8 @@ def main() -> None:
                              "freed activations to the OS; the default one raises itself as large blocks are freed "
                              "and keeps them in the heap, which RSS then counts")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
+    parser.add_argument("--rss-seq", type=int, default=SEQ, help="tokens per step (activations only; the state "
+                                                                    "does not depend on it)")
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
