@@ -128,7 +128,9 @@ def run_cli(args: argparse.Namespace, stages: list[str]) -> int:
     try:
         run(args, stages)
     except (DatasetError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"retro-dist prepare: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
+        # one line, always, in one write: under mpirun the ranks' lines must not interleave
+        sys.stderr.write(f"retro-dist prepare: error: {' '.join(str(e).split())}\n")
+        sys.stderr.flush()
         return 2
     except OSError as e:
         if e.errno == errno.ENOSPC:

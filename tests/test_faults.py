@@ -194,6 +194,7 @@ def test_a_second_prepare_on_the_dataset_is_refused_in_one_line(corpus, tmp_path
         assert second.returncode != 0
         lines = error_lines(second.stderr, "retro-dist prepare")
         assert len(lines) == ranks and len(set(lines)) == 1, second.stderr[-3000:]  # every rank, the same line
+        assert second.stderr.count("retro-dist prepare: error:") == ranks
         assert "in use by another prepare job" in lines[0] and f"pid {first.pid}," in lines[0], lines[0]
         if ranks == 1:
             assert second.returncode == 2 and second.stderr.strip() == lines[0]  # nothing but that line
