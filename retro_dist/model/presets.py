@@ -40,7 +40,8 @@ def check_arch(arch: dict[str, Any]) -> None:
     if owned:
         raise ValueError(f"model.arch.{owned[0]} cannot be set: it comes from the dataset's manifest "
                          f"({', '.join(f'{k} = {v}' for k, v in DATASET_KEYS.items())}); "
-                         f"drop it, or prepare a dataset with the value you want")
+                         f"drop it; for another value prepare a dataset with `retro-dist prepare --vocab-size/--seq-len/"
+                         f"--chunk-size`")
     valid = [f.name for f in dataclasses.fields(RetroConfig) if f.name not in DATASET_KEYS]
     unknown = [k for k in arch if k not in valid]
     if unknown:
