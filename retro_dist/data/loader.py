@@ -17,7 +17,7 @@ multiple of 8); both are recorded in the loader state and kept on resume. For an
   stream order, cut into micro-batches of `batch_size` (accumulation = G / (W * batch_size)). Every rank yields the
   same number of micro-batches. The loss of a step is the mean over the same G samples at any world size.
 - DataLoader workers split a rank's streams (the largest worker count <= num_workers that divides them; extra
-  workers stay idle), each yielding one collated piece per (batch, stream); the main process assembles the pieces.
+  workers stay idle), each yielding its streams' collated pieces of each batch; the main process assembles them.
 - Cost: per global batch a rank decodes G / W samples; with at least C shards it reads each of its shards once per
   epoch (1/W of the data); with fewer than C shards each of its streams reads every shard (C / W reads of the
   dataset per epoch, of which it keeps 1/W).
@@ -121,13 +121,13 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 
 class _EpochStream(IterableDataset):
-    """What each DataLoader worker (or the main process, with 0 workers) iterates: (batch, stream, piece) for its
+    """What each DataLoader worker (or the main process, with 0 workers) iterates: (batch, {stream: piece}) for its
     streams, batches from `first` to the end of the epoch."""
 
     def __init__(self, loader: "RetroLoader", epoch: int, first: int):
         self.loader, self.epoch, self.first = loader, epoch, first
 
-    def __iter__(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    def __iter__(self) -> Iterator[tuple[int, dict[int, dict[str, Any]]]]:
         info = get_worker_info()
         mine, active = self.loader.rank_streams(), self.loader.active_workers()
         worker = 0 if info is None else info.id
@@ -141,7 +141,7 @@ class _EpochStream(IterableDataset):
             # DataLoader would re-raise it as "Caught DataError in DataLoader worker process 0. Original Traceback
             # ...": the user's one line (which shard, what is wrong) buried in a worker traceback. Handed over as a
             # value, the main process raises it as it is.
-            yield -1, -1, e
+            yield -1, e
 
 
 class RetroLoader:
@@ -272,13 +272,17 @@ class RetroLoader:
                     yield (sample, False) if sample is not None else (self._replacement(epoch, item.shard, slot), True)
             cursor, within = cursor + 1, 0
 
-    def _pieces(self, epoch: int, streams: list[int], first: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    def _pieces(self, epoch: int, streams: list[int], first: int) -> Iterator[tuple[int, dict[int, dict[str, Any]]]]:
         q = self.global_batch // self.streams
         sources = {s: self._stream_samples(epoch, s, first * q) for s in streams}
         for t in range(first, self.batches_per_epoch):
+            # one item per global batch for all of this worker's streams: a transfer between processes per piece
+            # (q may be 1 sample) cost 4x the loader's throughput with workers
+            pieces = {}
             for s in streams:
                 taken = [next(sources[s]) for _ in range(q)]
-                yield t, s, self._collate([x for x, _ in taken], sum(r for _, r in taken))
+                pieces[s] = self._collate([x for x, _ in taken], sum(r for _, r in taken))
+            yield t, pieces
 
     def _collate(self, batch: list[Sample], skipped: int) -> dict[str, Any]:
         tokens = torch.from_numpy(np.stack([t for _, t, _ in batch]))
@@ -300,10 +304,10 @@ class RetroLoader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=_ignore_stop_signals,
                             prefetch_factor=4 if self.num_workers else None)
         mine, pending = self.rank_streams(), {}
-        for t, s, piece in loader:
-            if isinstance(piece, Exception):
-                raise piece
-            pending.setdefault(t, {})[s] = piece
+        for t, pieces in loader:
+            if isinstance(pieces, Exception):
+                raise pieces
+            pending.setdefault(t, {}).update(pieces)
             if len(pending[t]) == len(mine):
                 done = pending.pop(t)
                 pieces = [done[s] for s in mine]
