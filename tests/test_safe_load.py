@@ -2,6 +2,7 @@
 that holds anything else is refused with one line naming it (never PyTorch's advice to pass weights_only=False)."""
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,9 @@ def test_deepspeed_style_load_is_restricted(tmp_path):
             torch.load(tmp_path / "evil.pt", weights_only=False)  # what DeepSpeed passes
         assert "\n" not in str(refused.value) and "weights_only" not in str(refused.value)
         assert torch.equal(torch.load(tmp_path / "fine.pt", weights_only=False)["weights"], torch.ones(2))
+        (tmp_path / "raw.pt").write_bytes(pickle.dumps({1, 2}))  # not torch.save's format
+        with pytest.raises(UnsafeCheckpoint, match=f"{tmp_path / 'raw.pt'} cannot be read as a checkpoint"):
+            torch.load(tmp_path / "raw.pt", weights_only=False)
     assert torch.load is not None and torch.load.__name__ == "load"
 
 

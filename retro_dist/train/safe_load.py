@@ -45,7 +45,11 @@ class UnsafeCheckpoint(ValueError):
 def _refusal(file: Any, error: pickle.UnpicklingError) -> UnsafeCheckpoint:
     name = os.fspath(file) if isinstance(file, (str, os.PathLike)) else getattr(file, "name", "a checkpoint file")
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-    what = f" ({found.group(1)})" if found else ""
+    if not found:  # not a refused global: a damaged file, whose reason PyTorch gives after the advice we drop
+        reason = str(error).rsplit("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0][:200]
+        return UnsafeCheckpoint(f"{name} cannot be read as a checkpoint ({reason}): it is damaged or was not written "
+                                f"by torch.save; write it again")
+    what = f" ({found.group(1)})"
     return UnsafeCheckpoint(f"{name} holds objects outside the safe allow-list of checkpoint types{what}: retro_dist "
                             f"never unpickles arbitrary code; use a checkpoint written by retro-dist train, or re-save "
                             f"the weights as plain tensors (torch.save(model.state_dict(), path))")
