@@ -122,9 +122,8 @@ def test_global_order_independent_of_layout(dataset, world, micro, workers):
 def test_resume_on_another_world_size(dataset, new_world):
     """2 ranks stop after 5 global batches; 1 or 4 ranks continue the same global batch sequence exactly, into the
     next epoch."""
-    reference = []
-    for _ in range(2):
-        reference += _global_batches([RetroLoader(dataset, "train", batch_size=4, global_batch=8, seed=5)])
+    single = RetroLoader(dataset, "train", batch_size=4, global_batch=8, seed=5)
+    reference = _global_batches([single]) + _global_batches([single])  # epochs 0 and 1
     loaders = [RetroLoader(dataset, "train", batch_size=2, global_batch=8, seed=5, rank=r, world_size=2)
                for r in range(2)]
     its = [iter(ld) for ld in loaders]
