@@ -218,10 +218,10 @@ class RetroLoader:
         return self._db
 
     def _read(self, shard: int) -> list[Sample | None]:
-        """A shard's samples (None for bad ones under skip), the last few kept: a stream holds one shard at a time,
-        replacements may need one more."""
+        """A shard's samples (None for bad ones under skip), the last few kept: each of the rank's streams holds one
+        shard at a time, replacements may need one more."""
         if shard not in self._cache:
-            if len(self._cache) >= 3:
+            if len(self._cache) >= len(self.rank_streams()) + 2:  # one per stream: fewer re-read shards every piece
                 self._cache.pop(next(iter(self._cache)))
             meta = self.shards[shard]
             self._cache[shard] = read_shard(self.urls[shard], expected_samples=meta["samples"],
