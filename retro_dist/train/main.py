@@ -166,10 +166,29 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, DatasetError, DistInitError, LockHeld) as e:
         print(f"retro-dist train: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         code = 2
-    except Exception:  # noqa: BLE001 - a crash: full traceback, then a non-zero exit through the same teardown
-        traceback.print_exc()
+    except Exception as e:  # noqa: BLE001 - a crash: full traceback, then a non-zero exit through the same teardown
+        if _peer_failed(e):
+            # the rank that failed printed its own error; this one only stopped in a collective waiting for it
+            import torch.distributed as dist
+            print(f"retro-dist train: error: rank {dist.get_rank()} stopped because another rank failed (see that "
+                  f"rank's error; {type(e).__name__}: {' '.join(str(e).split())[:160]})", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
         code = 1
     return _teardown(code)
+
+
+PEER_FAILURE_TEXTS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                      "NCCL communicator was aborted")
+
+
+def _peer_failed(e: BaseException) -> bool:
+    """An error raised inside a collective because another rank is gone (gloo's socket errors, NCCL's abort)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return isinstance(e, dist.DistNetworkError) or (isinstance(e, RuntimeError) and
+                                                    any(t in str(e) for t in PEER_FAILURE_TEXTS))
 
 
 def _teardown(code: int) -> int:
