@@ -151,7 +151,7 @@ def test_bad_divisibility_names_what_works(dataset):
 def test_fewer_neighbors_and_bad_requests(dataset):
     with pytest.raises(ValueError, match="the dataset has 3 per chunk"):
         RetroLoader(dataset, "train", batch_size=2, num_neighbors=4)
-    with pytest.raises(DatasetError, match="fewer than one batch"):
+    with pytest.raises(DatasetError, match="fewer than one global batch"):
         RetroLoader(dataset, "val", batch_size=10_000)
     with pytest.raises(DatasetError, match="not a retro_dist dataset"):
         RetroLoader(dataset.parent / "nothing", "train", batch_size=2)
