@@ -12,9 +12,7 @@ import subprocess
 
 import pytest
 
-from data_prep.corpora import stdlib_docstrings, write_corpus
-from data_prep.pipeline import main as prepare
-from tests.train_helpers import ROOT, children, env, tiny_args, torchrun_cmd, train
+from tests.train_helpers import ROOT, children, env, tiny_args, tiny_dataset, torchrun_cmd, train
 
 pytestmark = pytest.mark.slow
 GLOBAL = "--train.global_batch=8"
@@ -22,12 +20,7 @@ GLOBAL = "--train.global_batch=8"
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("elastic")
-    corpus = write_corpus(root / "corpus", stdlib_docstrings(200))
-    assert prepare(["--input", str(corpus), "--out", str(root / "ds"), "--vocab-size", "512", "--chunk-size", "16",
-                    "--seq-len", "64", "--embedder", "hash-64", "--num-neighbors", "2", "--shard-samples", "20",
-                    "--val-fraction", "0.05"]) == 0
-    return root / "ds"
+    return tiny_dataset(tmp_path_factory.mktemp("elastic"), shard_samples="20")
 
 
 def tb_losses(run_dir) -> dict[int, float]:

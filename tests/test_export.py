@@ -44,14 +44,8 @@ def retro_dist(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from data_prep.corpora import stdlib_docstrings, write_corpus
-    from data_prep.pipeline import main as prepare
-    root = tmp_path_factory.mktemp("export")
-    corpus = write_corpus(root / "corpus", stdlib_docstrings(200))
-    assert prepare(["--input", str(corpus), "--out", str(root / "ds"), "--vocab-size", "512", "--chunk-size", "16",
-                    "--seq-len", "64", "--embedder", "hash-64", "--num-neighbors", "2", "--shard-samples", "40",
-                    "--val-fraction", "0.05"]) == 0
-    return root / "ds"
+    from tests.train_helpers import tiny_dataset
+    return tiny_dataset(tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.corpora import stdlib_docstrings, write_corpus
-from data_prep.pipeline import main as prepare
-from tests.train_helpers import ROOT, children, env, kill_tree, losses, tiny_args, torchrun_cmd, train
+from tests.train_helpers import ROOT, children, env, kill_tree, losses, tiny_args, tiny_dataset, torchrun_cmd, train
 
 pytestmark = pytest.mark.slow
 STEPS = "--train.steps=12"
@@ -22,12 +20,7 @@ STEPS = "--train.steps=12"
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    corpus = write_corpus(root / "corpus", stdlib_docstrings(400))
-    assert prepare(["--input", str(corpus), "--out", str(root / "ds"), "--vocab-size", "512", "--chunk-size", "16",
-                    "--seq-len", "64", "--embedder", "hash-64", "--num-neighbors", "2", "--shard-samples", "40",
-                    "--val-fraction", "0.05"]) == 0
-    return root / "ds"
+    return tiny_dataset(tmp_path_factory.mktemp("train"), documents=400)
 
 
 @pytest.fixture(scope="module")

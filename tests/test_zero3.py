@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from tests.train_helpers import ROOT, env, losses, tiny_args, train
+from tests.train_helpers import ROOT, env, losses, tiny_args, tiny_dataset, train
 
 GLOBAL_BATCH, STEPS, SEQ, CHUNK = 4, 3, 64, 16
 
@@ -123,14 +123,7 @@ def test_zero3_losses_equal_zero2_at_every_world_size(results, world):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from data_prep.corpora import stdlib_docstrings, write_corpus
-    from data_prep.pipeline import main as prepare
-    root = tmp_path_factory.mktemp("zero3")
-    corpus = write_corpus(root / "corpus", stdlib_docstrings(200))
-    assert prepare(["--input", str(corpus), "--out", str(root / "ds"), "--vocab-size", "512", "--chunk-size", "16",
-                    "--seq-len", "64", "--embedder", "hash-64", "--num-neighbors", "2", "--shard-samples", "40",
-                    "--val-fraction", "0.05"]) == 0
-    return root / "ds"
+    return tiny_dataset(tmp_path_factory.mktemp("zero3"))
 
 
 @pytest.mark.slow
