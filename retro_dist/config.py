@@ -77,7 +77,7 @@ class TrainSection:
     activation_checkpointing: str = "none"
     """`none`, `every` (each encoder and decoder block) or `every:N` (the N-th, 2N-th, ... block of each)."""
     seed: int = 0
-    """Seed of initialisation, data order and dropout (each rank adds its rank to its dropout seed)."""
+    """Seed of initialisation, data order and dropout (masks keyed by step and place in the global batch, not rank)."""
     dist_timeout_s: int = 300
     """Process-group timeout: a dead rank makes the others fail within this time instead of hanging."""
 

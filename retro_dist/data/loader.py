@@ -282,6 +282,7 @@ class RetroLoader:
             for s in streams:
                 taken = [next(sources[s]) for _ in range(q)]
                 pieces[s] = self._collate([x for x, _ in taken], sum(r for _, r in taken))
+                pieces[s]["position"] = torch.arange(s * q, (s + 1) * q)  # places in the global batch: dropout keys
             yield t, pieces
 
     def _collate(self, batch: list[Sample], skipped: int) -> dict[str, Any]:
@@ -314,7 +315,8 @@ class RetroLoader:
                 self.skipped += sum(p["skipped"] for p in pieces)
                 yield {"tokens": torch.cat([p["tokens"] for p in pieces]),
                        "retrieved": None if pieces[0]["retrieved"] is None else torch.cat([p["retrieved"] for p in pieces]),
-                       "index": torch.cat([p["index"] for p in pieces])}
+                       "index": torch.cat([p["index"] for p in pieces]),
+                       "position": torch.cat([p["position"] for p in pieces])}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """The remaining micro-batches of the current epoch; afterwards the loader stands at the next epoch."""

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .dropout import KeyedDropout
+
 ROTARY_DIM = 32  # partial rotary embeddings: min(dim_head, 32) dims of each head, dim_head >= 32 always
 
 
@@ -82,15 +84,20 @@ def key_padding_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, causal: bool = False,
-              dropout: float = 0.0) -> Tensor:
-    """softmax(q k^T / sqrt(d) + bias) v over [B, h, n, d] tensors.
+              dropout: KeyedDropout | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v over [B, h, n, d] tensors, `dropout` (when training) on the probabilities.
 
     scaled_dot_product_attention everywhere, except bf16/fp16 on CPU with short keys and queries: there PyTorch's CPU
-    flash kernel is 2-4x slower than two batched matmuls (bench/model_step.py), and the plain product is small.
+    flash kernel is 2-4x slower than two batched matmuls (bench/model_step.py), and the plain product is small; and
+    except with dropout, whose masks are keyed per sample (retro_dist/model/dropout.py) where SDPA's fused kernels
+    would draw them for the whole batch from the global generator.
     """
     if bias is not None:
         bias = bias.to(q.dtype)
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-2] * k.shape[-2] <= 512 * 512:
+    dropping = dropout is not None and dropout.training and dropout.p > 0
+    small = (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+             and q.shape[-2] * k.shape[-2] <= 512 * 512)
+    if dropping or small:
         scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
         if bias is not None:
             scores = scores + bias
@@ -98,9 +105,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, ca
             i, j = scores.shape[-2:]
             future = torch.ones(i, j, dtype=torch.bool, device=q.device).triu(j - i + 1)
             scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
-        probs = F.dropout(scores.softmax(dim=-1), p=dropout) if dropout else scores.softmax(dim=-1)
-        return torch.matmul(probs, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal, dropout_p=dropout)
+        probs = scores.softmax(dim=-1)
+        return torch.matmul(dropout(probs) if dropping else probs, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)
 
 
 class KVCache:
@@ -131,7 +138,8 @@ class KVCache:
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, *, heads: int, dim_head: int, causal: bool, dropout: float):
         super().__init__()
-        self.heads, self.dim_head, self.causal, self.dropout = heads, dim_head, causal, dropout
+        self.heads, self.dim_head, self.causal = heads, dim_head, causal
+        self.attn_dropout = KeyedDropout(dropout)
         inner = heads * dim_head
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
@@ -146,7 +154,7 @@ class SelfAttention(nn.Module):
                 raise ValueError("a KV cache decodes one position at a time")
             k, v = cache.extend(k, v)
             causal = False  # the one query is the last position: everything cached is in its past
-        out = attention(q, k, v, bias=bias, causal=causal, dropout=self.dropout if self.training else 0.0)
+        out = attention(q, k, v, bias=bias, causal=causal, dropout=self.attn_dropout)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -155,7 +163,8 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, *, context_dim: int, heads: int, dim_head: int, dropout: float, null_kv: bool):
         super().__init__()
-        self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
+        self.heads, self.dim_head = heads, dim_head
+        self.attn_dropout = KeyedDropout(dropout)
         inner = heads * dim_head
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(context_dim, 2 * inner, bias=False)
@@ -172,7 +181,7 @@ class CrossAttention(nn.Module):
             null_k, null_v = rearrange(self.null_kv.to(k.dtype), "two (h d) -> two 1 h 1 d", h=self.heads)
             k = torch.cat((null_k.expand(k.shape[0], -1, -1, -1), k), dim=-2)
             v = torch.cat((null_v.expand(v.shape[0], -1, -1, -1), v), dim=-2)
-        out = attention(q, k, v, bias=bias, dropout=self.dropout if self.training else 0.0)
+        out = attention(q, k, v, bias=bias, dropout=self.attn_dropout)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -220,7 +229,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, *, mult: int = 4, dropout: float):
         super().__init__()
         inner = int(mult * dim)
-        self.ff = nn.Sequential(nn.Linear(dim, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, dim))
+        self.ff = nn.Sequential(nn.Linear(dim, inner), nn.GELU(), KeyedDropout(dropout), nn.Linear(inner, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.ff(x)

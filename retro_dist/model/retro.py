@@ -11,6 +11,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import RetroConfig
+from .dropout import number_sites
 from .layers import (ChunkedCrossAttention, CrossAttention, FeedForward, KVCache, LogitsHead, Residual, RopeTable,
                      Rotary, SelfAttention, key_padding_bias, make_norm)
 
@@ -155,6 +156,7 @@ class RETRO(nn.Module):
         self.decoder = Decoder(config)
         self.to_logits = LogitsHead(config.dec_dim, config.num_tokens)
         self.rotary = Rotary()
+        number_sites(self)
         if config.use_deepnet:
             c = config
             deepnorm_init(self.encoder, 0.87 * ((c.enc_depth ** 4) * c.dec_depth) ** -0.0625)

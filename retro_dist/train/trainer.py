@@ -17,6 +17,7 @@ from retro_dist.config import RunConfig
 from retro_dist.data.loader import RetroLoader
 from retro_dist.evaluate import Evaluator
 from retro_dist.model import RETRO
+from retro_dist.model.dropout import sample_keyed
 
 from .checkpoint import Checkpointer
 from .ds_config import BatchPlan
@@ -99,7 +100,6 @@ class Trainer:
         skipped_before = self.loader.skipped
         train_start, start_step = time.perf_counter(), self.step
         while self.step < run.train.steps:
-            self._seed_step()
             lr = lr_at(self.step, run)
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr
@@ -110,8 +110,11 @@ class Trainer:
                 tokens = batch["tokens"].to(self.device, non_blocking=True)
                 retrieved = batch["retrieved"]
                 retrieved = retrieved.to(self.device, non_blocking=True) if retrieved is not None else None
-                loss = self.engine(tokens, retrieved, return_loss=True)
-                self.engine.backward(loss)
+                # dropout masks by (seed, step, position in the global batch): the same at any world size, and
+                # drawn again alike by activation checkpointing's recompute inside backward
+                with sample_keyed(run.train.seed, self.step, batch["position"]):
+                    loss = self.engine(tokens, retrieved, return_loss=True)
+                    self.engine.backward(loss)
                 t2 = time.perf_counter()
                 self.engine.step()
                 t3 = time.perf_counter()
@@ -138,10 +141,6 @@ class Trainer:
                     ask_launcher_to_requeue()
                 return REQUEUE_EXIT_CODE
         return 0
-
-    def _seed_step(self) -> None:
-        # dropout masks from (seed, rank, step): a resumed run draws the same ones without storing RNG state
-        torch.manual_seed(self.run.train.seed * 1_000_003 + self.rank * 10_007 + self.step)
 
     def _agree_on_stop(self) -> bool:
         flag = torch.tensor([1.0 if self.stop.signal is not None else 0.0])
