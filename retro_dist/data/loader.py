@@ -16,8 +16,9 @@ multiple of 8); both are recorded in the loader state and kept on resume. For an
 - Rank r of W takes streams r, r + W, ... (W must divide C): its G / W samples of batch t are its streams' pieces in
   stream order, cut into micro-batches of `batch_size` (accumulation = G / (W * batch_size)). Every rank yields the
   same number of micro-batches. The loss of a step is the mean over the same G samples at any world size.
-- DataLoader workers split a rank's streams (the largest worker count <= num_workers that divides them; extra
-  workers stay idle), each yielding its streams' collated pieces of each batch; the main process assembles them.
+- DataLoader workers split a rank's streams into contiguous runs (the largest worker count <= num_workers that
+  divides them; extra workers stay idle), each yielding one collated part of each batch for its streams; the main
+  process joins the parts in stream order.
 - Cost: per global batch a rank decodes G / W samples; with at least C shards it reads each of its shards once per
   epoch (1/W of the data); with fewer than C shards each of its streams reads every shard (C / W reads of the
   dataset per epoch, of which it keeps 1/W).
@@ -121,8 +122,8 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 
 class _EpochStream(IterableDataset):
-    """What each DataLoader worker (or the main process, with 0 workers) iterates: (batch, {stream: piece}) for its
-    streams, batches from `first` to the end of the epoch."""
+    """What each DataLoader worker (or the main process, with 0 workers) iterates: (t, its streams' part of global
+    batch t) for t from `first` to the end of the epoch."""
 
     def __init__(self, loader: "RetroLoader", epoch: int, first: int):
         self.loader, self.epoch, self.first = loader, epoch, first
@@ -134,7 +135,8 @@ class _EpochStream(IterableDataset):
         if worker >= active:
             return
         try:
-            yield from self.loader._pieces(self.epoch, mine[worker::active], self.first)
+            share = len(mine) // active  # a contiguous run of streams: the parts join by concatenation
+            yield from self.loader._pieces(self.epoch, mine[worker * share:(worker + 1) * share], self.first)
         except (DataError, DatasetError) as e:
             if info is None:
                 raise
@@ -272,25 +274,28 @@ class RetroLoader:
                     yield (sample, False) if sample is not None else (self._replacement(epoch, item.shard, slot), True)
             cursor, within = cursor + 1, 0
 
-    def _pieces(self, epoch: int, streams: list[int], first: int) -> Iterator[tuple[int, dict[int, dict[str, Any]]]]:
+    def _pieces(self, epoch: int, streams: list[int], first: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(t, one collated batch of these streams' pieces of global batch t, in stream order) for t from `first`."""
         q = self.global_batch // self.streams
         sources = {s: self._stream_samples(epoch, s, first * q) for s in streams}
+        positions = torch.cat([torch.arange(s * q, (s + 1) * q) for s in streams])  # places in the global batch
         for t in range(first, self.batches_per_epoch):
-            # one item per global batch for all of this worker's streams: a transfer between processes per piece
-            # (q may be 1 sample) cost 4x the loader's throughput with workers
-            pieces = {}
-            for s in streams:
-                taken = [next(sources[s]) for _ in range(q)]
-                pieces[s] = self._collate([x for x, _ in taken], sum(r for _, r in taken))
-                pieces[s]["position"] = torch.arange(s * q, (s + 1) * q)  # places in the global batch: dropout keys
-            yield t, pieces
+            # one collated item per global batch for all of this worker's streams: every tensor crossing from a
+            # worker costs a shared-memory segment, and a piece per stream (q may be 1 sample) cost 2-4x the
+            # loader's throughput with workers
+            taken = [next(sources[s]) for s in streams for _ in range(q)]
+            part = self._collate([x for x, _ in taken], sum(r for _, r in taken))
+            part["position"] = positions
+            yield t, part
 
     def _collate(self, batch: list[Sample], skipped: int) -> dict[str, Any]:
         tokens = torch.from_numpy(np.stack([t for _, t, _ in batch]))
         retrieved = None
         if self.retrieval:
             ids = np.stack([n[:, : self.num_neighbors] for _, _, n in batch])
-            retrieved = torch.from_numpy(neighbor_tokens(self._db_chunks(), ids, pad_id=self.manifest["pad_id"])).long()
+            # int64 by numpy: torch's int32 -> int64 copy goes through its thread pool, ms when a core is busy
+            retrieved = torch.from_numpy(neighbor_tokens(self._db_chunks(), ids, pad_id=self.manifest["pad_id"])
+                                         .astype(np.int64))
         return {"tokens": tokens, "retrieved": retrieved, "index": torch.tensor([i for i, _, _ in batch]),
                 "skipped": skipped}
 
@@ -300,23 +305,20 @@ class RetroLoader:
         return self.batches_per_epoch * self.accumulation
 
     def _rank_batches(self) -> Iterator[dict[str, Any]]:
-        """This rank's share of each remaining global batch of the epoch, pieces assembled in stream order."""
+        """This rank's share of each remaining global batch of the epoch: its workers' parts in stream order."""
         stream = _EpochStream(self, self.epoch, self.batches)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=_ignore_stop_signals,
                             prefetch_factor=4 if self.num_workers else None)
-        mine, pending = self.rank_streams(), {}
-        for t, pieces in loader:
-            if isinstance(pieces, Exception):
-                raise pieces
-            pending.setdefault(t, {}).update(pieces)
-            if len(pending[t]) == len(mine):
-                done = pending.pop(t)
-                pieces = [done[s] for s in mine]
-                self.skipped += sum(p["skipped"] for p in pieces)
-                yield {"tokens": torch.cat([p["tokens"] for p in pieces]),
-                       "retrieved": None if pieces[0]["retrieved"] is None else torch.cat([p["retrieved"] for p in pieces]),
-                       "index": torch.cat([p["index"] for p in pieces]),
-                       "position": torch.cat([p["position"] for p in pieces])}
+        active, pending = self.active_workers(), {}
+        for t, part in loader:
+            if isinstance(part, Exception):
+                raise part
+            pending.setdefault(t, []).append(part)
+            if len(pending[t]) == active:
+                parts = sorted(pending.pop(t), key=lambda p: int(p["position"][0]))
+                self.skipped += sum(p["skipped"] for p in parts)
+                yield {key: None if parts[0][key] is None else torch.cat([p[key] for p in parts])
+                       for key in ("tokens", "retrieved", "index", "position")}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """The remaining micro-batches of the current epoch; afterwards the loader stands at the next epoch."""
