@@ -1,9 +1,10 @@
 """Loader throughput against what training consumes, and the cost of a deep resume. Not a test.
 
 Builds (or reuses, with --dataset) a dataset of the standard library's docstrings with the hash embedder at
-seq_len 2048, then prints one table: loader samples/s with 0, 1 and 2 workers, for this loader (canonical streams,
-default streams for a global batch of --batch-size on 1 rank) and side by side for the loader before canonical
-streams (its source read from git at BEFORE_STREAMS, so the library keeps one plan); the samples/s a forward +
+seq_len 2048, then prints one table: loader samples/s with 0, 1 and 2 workers (over whole epochs, and after each
+epoch's first batch, with the time to that first batch), for this loader (canonical streams, default streams for a
+global batch of --batch-size on 1 rank) and side by side for the loader before canonical streams (its source read
+from git at BEFORE_STREAMS, so the library keeps one plan); the samples/s a forward +
 backward + AdamW step of the tiny and reference models consumes (bf16 autocast, this box); their ratio (target
 >= 20x); and the time to the first batch after resuming at the last batch of an epoch versus from its start.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,14 +47,28 @@ def loader_before_streams():
     return module.RetroLoader
 
 
-def loader_rate(cls, dataset: Path, workers: int, batches: int, batch_size: int) -> float:
+def loader_rates(cls, dataset: Path, workers: int, batches: int, batch_size: int) -> tuple[float, float, float]:
+    """Whole epochs until `batches` batches: (samples/s overall, samples/s after each epoch's first batch, median
+    seconds to an epoch's first batch). An epoch starts its DataLoader workers anew and, under canonical streams,
+    opens one shard per stream before its first batch: on this bench's 20-batch epochs that start is a large share
+    of the overall rate, on real epochs (thousands of batches) a negligible one."""
     loader = cls(dataset, "train", batch_size=batch_size, num_workers=workers)
-    stream = loader.forever()
-    next(stream)  # worker start-up is not throughput
+    next(iter(loader.forever()))  # imports and the first worker start-up are not throughput
+    loader = cls(dataset, "train", batch_size=batch_size, num_workers=workers)
+    steady, firsts, steady_s = 0, [], 0.0
     start = time.perf_counter()
-    for _ in range(batches):
-        next(stream)
-    return batches * batch_size / (time.perf_counter() - start)
+    while len(firsts) + steady < batches:
+        t0 = time.perf_counter()
+        epoch = iter(loader)
+        next(epoch)
+        t1 = time.perf_counter()
+        firsts.append(t1 - t0)
+        for _ in epoch:
+            steady += 1
+        steady_s += time.perf_counter() - t1
+    done = len(firsts) + steady
+    overall = done * batch_size / (time.perf_counter() - start)
+    return overall, steady * batch_size / max(steady_s, 1e-9), statistics.median(firsts)
 
 
 def training_rate(preset: str, manifest: dict, batch_size: int, steps: int = 2) -> float:
@@ -109,7 +125,7 @@ def main() -> None:
                             "--vocab-size", "8000", "--shard-samples", "16"]) == 0
         manifest = load_manifest(dataset)
         old = loader_before_streams()
-        rates = {w: {name: loader_rate(cls, dataset, w, args.batches, args.batch_size)
+        rates = {w: {name: loader_rates(cls, dataset, w, args.batches, args.batch_size)
                      for name, cls in (("before", old), ("streams", RetroLoader))} for w in (0, 1, 2)}
         consume = {"tiny": training_rate("tiny", manifest, 8), "reference": training_rate("reference", manifest, 2)}
         per_epoch = len(RetroLoader(dataset, "train", batch_size=args.batch_size))
@@ -118,13 +134,16 @@ def main() -> None:
 
     print(f"\ndataset: seq_len {manifest['seq_len']}, {manifest['num_neighbors']} neighbors, "
           f"{manifest['counts']['train']['samples']} train samples in {len(manifest['shards']['train'])} shards; "
-          f"batch {args.batch_size}; {torch.get_num_threads()} torch threads\n")
-    print(f"{'loader workers':<16}{'plan':<10}{'samples/s':>10}  " +
-          "  ".join(f"{'x ' + p + ' training':>20}" for p in consume) + f"{'streams / before':>18}")
+          f"batch {args.batch_size}, {per_epoch} batches per epoch; {torch.get_num_threads()} torch threads\n")
+    print(f"{'workers':<9}{'plan':<9}{'samples/s':>10}{'after 1st':>11}{'1st batch s':>13}  " +
+          "  ".join(f"{'x ' + p + ' training':>20}" for p in consume) + f"{'streams / before':>18}"
+          f"{'after 1st':>11}")
     for w, by_plan in rates.items():
-        for name, rate in by_plan.items():
-            print(f"{w:<16}{name:<10}{rate:>10.0f}  " + "  ".join(f"{rate / c:>19.1f}x" for c in consume.values()) +
-                  (f"{rate / by_plan['before']:>17.2f}x" if name == "streams" else ""))
+        for name, (rate, steady, first) in by_plan.items():
+            print(f"{w:<9}{name:<9}{rate:>10.0f}{steady:>11.0f}{first:>13.3f}  " +
+                  "  ".join(f"{rate / c:>19.1f}x" for c in consume.values()) +
+                  (f"{rate / by_plan['before'][0]:>17.2f}x{steady / by_plan['before'][1]:>10.2f}x"
+                   if name == "streams" else ""))
     print("\ntraining consumes (fwd+bwd+AdamW, bf16 autocast): " +
           ", ".join(f"{p} {c:.1f} samples/s" for p, c in consume.items()))
     print(f"time to first batch: from the epoch start {cold:.3f}s, resumed at batch {per_epoch - 1} of {per_epoch} "

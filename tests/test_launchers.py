@@ -183,9 +183,11 @@ RESUME_STEPS = 60  # long enough that the signal, sent after step 8, lands well 
 
 
 def resume_args(dataset: Path, run_dir: Path) -> list[str]:
-    """DataLoader workers on (the signal reaches them too), a global batch that 1 and 2 ranks both divide."""
+    """DataLoader workers on (the signal reaches them too), a global batch that 1 and 2 ranks both divide, every
+    dropout on (its masks follow the sample, not the rank: a resume on 1 node continues the 2-node curve)."""
     return run_args(dataset, run_dir, "--data.num_workers=1", "--train.global_batch=4",
-                    f"--train.steps={RESUME_STEPS}", "--checkpoint.every=1000")
+                    f"--train.steps={RESUME_STEPS}", "--checkpoint.every=1000",
+                    *(f"--model.arch.{site}_dropout=0.1" for site in ("enc_attn", "enc_ff", "dec_attn", "dec_ff")))
 
 
 @pytest.fixture(scope="module")

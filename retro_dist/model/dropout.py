@@ -5,10 +5,11 @@ A mask is drawn from its own generator, seeded from (run seed, optimizer step, t
 batch, the dropout site): a pure function of the run and the step. The trainer sets these keys around each
 micro-batch's forward and backward with `sample_keyed`; activation checkpointing's recompute, which runs inside that
 backward, draws the same masks again. Without keys (a model used outside the trainer) a site is plain dropout on
-torch's global generator.
+torch's global generator, and attention dropout stays inside scaled_dot_product_attention.
 
-Cost: one small generator per sample and site per micro-batch, and attention with dropout runs unfused (the fused
-kernels of scaled_dot_product_attention draw masks from the global generator, one batch at a time).
+Cost: one generator per sample and site per micro-batch, drawing as many numbers as plain dropout; and attention
+with keyed dropout runs unfused (SDPA's fused kernels draw their masks from the global generator for the whole
+batch), so it holds the probabilities [b, h, n, n] as SDPA's math path does: measured by bench/dropout.py.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def sample_keyed(seed: int, step: int, positions: Tensor | list[int]) -> Iterato
         yield
     finally:
         _keys = previous
+
+
+def keys_active() -> bool:
+    """Whether masks are keyed now (inside `sample_keyed`)."""
+    return _keys is not None
 
 
 def mask_seed(seed: int, step: int, position: int, site: int) -> int:

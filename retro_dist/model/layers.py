@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .dropout import KeyedDropout
+from .dropout import KeyedDropout, keys_active
 
 ROTARY_DIM = 32  # partial rotary embeddings: min(dim_head, 32) dims of each head, dim_head >= 32 always
 
@@ -89,15 +89,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, ca
 
     scaled_dot_product_attention everywhere, except bf16/fp16 on CPU with short keys and queries: there PyTorch's CPU
     flash kernel is 2-4x slower than two batched matmuls (bench/model_step.py), and the plain product is small; and
-    except with dropout, whose masks are keyed per sample (retro_dist/model/dropout.py) where SDPA's fused kernels
-    would draw them for the whole batch from the global generator.
+    except with dropout keyed per sample (in the trainer: retro_dist/model/dropout.py), which SDPA's fused kernels
+    cannot take (they draw the masks of the whole batch from the global generator): the probabilities are then
+    materialised, as SDPA's math path does.
     """
     if bias is not None:
         bias = bias.to(q.dtype)
     dropping = dropout is not None and dropout.training and dropout.p > 0
     small = (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
              and q.shape[-2] * k.shape[-2] <= 512 * 512)
-    if dropping or small:
+    if (dropping and keys_active()) or small:
         scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
         if bias is not None:
             scores = scores + bias
@@ -107,7 +108,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, ca
             scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
         probs = scores.softmax(dim=-1)
         return torch.matmul(dropout(probs) if dropping else probs, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal,
+                                          dropout_p=dropout.p if dropping else 0.0)
 
 
 class KVCache:
