@@ -99,11 +99,12 @@ def export(run_dir: Path, model_dir: Path) -> None:
     print(f"wrote {model_dir}: {', '.join(sorted(f.name for f in model_dir.iterdir()))} ({size:.1f} MB)")
 
 
-def evaluate(model_dir: Path, dataset: Path) -> dict:
+def evaluate(model_dir: Path, dataset: Path, max_samples: int) -> dict:
     from retro_dist.evaluate import evaluate_model, format_report
 
-    print(f"$ retro-dist eval --model {model_dir} --dataset {dataset}")
-    r = evaluate_model(str(model_dir), str(dataset))
+    limit = f" --max-samples {max_samples}" if max_samples else ""
+    print(f"$ retro-dist eval --model {model_dir} --dataset {dataset}{limit}")
+    r = evaluate_model(str(model_dir), str(dataset), max_samples=max_samples)
     print(format_report(r))
     print(f"headline: true neighbors lower validation perplexity by {r['gain_vs_random']:.1%} against random "
           f"neighbors (target: at least {TARGET:.0%}); random neighbors are the baseline that shows the model "
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="training processes")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
     parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--eval-samples", type=int, default=0,
+                        help="validation samples the eval step reads (default 0: the whole split)")
     parser.add_argument("--fresh", action="store_true", help="delete the demo directory first")
     args = parser.parse_args(argv)
     out = args.out.resolve()
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                        "where supported", lambda: train(dataset, run_dir, nproc=args.nproc, steps=args.steps)),
              ("export", "4/6 export the consolidated model", lambda: export(run_dir, model_dir)),
              ("eval", "5/6 eval: validation perplexity with true neighbors, random neighbors, retrieval off",
-              lambda: evaluate(model_dir, dataset)),
+              lambda: evaluate(model_dir, dataset, args.eval_samples)),
              ("generate", "6/6 generate, retrieving as each 64-token chunk completes",
               lambda: sample(model_dir, dataset, args.prompt))]
     results = {}
