@@ -18,14 +18,8 @@ import torch
 from retro_dist import RETRO, RetroConfig
 from retro_dist.model.dropout import sample_keyed
 
-PRESETS = {
-    "reference": dict(kwargs=dict(num_tokens=32000, max_seq_len=2048, enc_dim=256, enc_depth=2, dec_dim=512,
-                                  dec_depth=6, dec_cross_attn_layers=(3, 6), heads=8, dim_head=64),
-                      batch=2, seq_len=2048, neighbors=2),
-    "small": dict(kwargs=dict(num_tokens=8000, max_seq_len=512, enc_dim=128, enc_depth=2, dec_dim=256,
-                              dec_depth=4, dec_cross_attn_layers=(2, 4), heads=8, dim_head=32),
-                  batch=2, seq_len=512, neighbors=2),
-}
+from model_step import PRESETS  # the same configs as the step-time bench (run as python bench/dropout.py)
+
 DROPOUT = dict(enc_attn_dropout=0.1, enc_ff_dropout=0.1, dec_attn_dropout=0.1, dec_ff_dropout=0.1)
 
 
