@@ -1,0 +1,110 @@
+"""The retrofitted model: small random-init Llama and Qwen2 checkpoints written with save_pretrained, a tokenizer
+built with `tokenizers`; step-0 logits equal the base's bit for bit with true and random neighbors; the retrieval
+path is live (a step moves the logits only where neighbors are read); decoding with the KV cache equals the full
+forward; bad input is one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retro_dist.retrofit.base import llama_style_tokenizer, save_random_base
+from retro_dist.retrofit.model import (RetrofitError, RetrofitRETRO, default_cca_layers, load_base, read_base_config,
+                                       retrofit)
+
+SEQ, CHUNK, NEIGHBORS = 64, 16, 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from data_prep.corpora import stdlib_docstrings
+    return llama_style_tokenizer(stdlib_docstrings(100), 400)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def base_dir(request, tmp_path_factory, tokenizer):
+    return save_random_base(tmp_path_factory.mktemp(request.param), family=request.param,
+                            vocab_size=tokenizer.get_vocab_size(), layers=4, tokenizer=tokenizer, seed=1)
+
+
+def _batch(vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(3, vocab, (2, SEQ + 1), generator=g)
+    true = torch.randint(3, vocab, (2, SEQ // CHUNK, NEIGHBORS, 2 * CHUNK), generator=g)
+    return seq, true
+
+
+def _model(base_dir, **settings) -> RetrofitRETRO:
+    torch.manual_seed(0)
+    return retrofit(base_dir, max_seq_len=SEQ, chunk_size=CHUNK, pad_id=2, **settings)
+
+
+def test_step0_logits_equal_the_base_whatever_the_neighbors(base_dir):
+    model, base = _model(base_dir).eval(), load_base(base_dir).eval()
+    vocab = base.config.vocab_size
+    seq, true = _batch(vocab)
+    random = torch.randint(3, vocab, true.shape, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        reference = base(input_ids=seq[:, :-1]).logits
+        for retrieved in (None, true, random):
+            assert torch.equal(model(seq[:, :-1], retrieved), reference)
+        loss = model(seq, true, return_loss=True)
+        expected = torch.nn.functional.cross_entropy(reference.flatten(0, 1), seq[:, 1:].flatten())
+    assert torch.equal(loss, expected)
+
+
+def test_a_step_on_the_new_weights_reads_the_neighbors(base_dir):
+    """One optimizer step on the CCA and encoder: logits then depend on the neighbors, only at positions after the
+    first chunk's last token, and stay the base's with retrieval off."""
+    model = _model(base_dir)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(not n.startswith("base.") for n, p in model.named_parameters() if p.requires_grad)
+    vocab = model.config.num_tokens
+    seq, true = _batch(vocab)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    model(seq, true, return_loss=True).backward()
+    optimizer.step()
+    model.eval()
+    random = torch.randint(3, vocab, true.shape, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        a, b = model(seq[:, :-1], true), model(seq[:, :-1], random)
+        off = model(seq[:, :-1])
+        base = load_base(base_dir).eval()(input_ids=seq[:, :-1]).logits
+    assert torch.equal(a[:, : CHUNK - 1], b[:, : CHUNK - 1])  # no chunk complete yet: nothing retrieved is read
+    assert not torch.allclose(a[:, CHUNK - 1:], b[:, CHUNK - 1:])
+    assert torch.equal(off, base)
+
+
+def test_cached_decoding_equals_the_full_forward(base_dir):
+    model = _model(base_dir)
+    with torch.no_grad():  # give CCA weights so that the cache's neighbor path is exercised
+        for p in model.cca.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+    model.eval()
+    seq, true = _batch(model.config.num_tokens)
+    n = 40  # two chunks complete, the third partial
+    full = model(seq[:1, :n], true[:1, : n // CHUNK])
+    cache = model.new_cache()
+    for p in range(n):
+        neighbors = true[:1, p // CHUNK] if (p + 1) % CHUNK == 0 else None
+        step = model.decode_step(seq[:1, p], cache, neighbors)
+        torch.testing.assert_close(step, full[0, p:p + 1], rtol=1e-4, atol=1e-4)
+
+
+def test_default_cca_layers_follow_the_paper():
+    assert default_cca_layers(24) == (6, 9, 12, 15, 18, 21, 24)
+    assert default_cca_layers(7) == (6,)
+    assert default_cca_layers(4) == (4,)
+
+
+def test_bad_input_is_one_line(tmp_path, base_dir):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RetrofitError, match="not a transformers checkpoint directory"):
+        read_base_config(tmp_path / "empty")
+    from transformers import BertConfig
+    BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(str(tmp_path / "bert"))
+    with pytest.raises(RetrofitError, match="retrofitting supports the decoder families"):
+        read_base_config(tmp_path / "bert")
+    with pytest.raises(RetrofitError, match=r"within 1..4 \(the base .* has 4 layers\)"):
+        _model(base_dir, cca_layers=(2, 7))
