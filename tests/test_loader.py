@@ -18,8 +18,10 @@ import webdataset as wds
 from data_prep.corpora import stdlib_docstrings, write_corpus
 from data_prep.pipeline import main as prepare
 from retro_dist import RetroConfig
-from retro_dist.data.format import DatasetError, Layout, load_manifest, neighbor_tokens, save_manifest
-from retro_dist.data.loader import RetroLoader, check_compatible
+import retro_dist.data.loader as loader_mod
+from data_prep.shard import _write_shard
+from retro_dist.data.format import DatasetError, Layout, file_sha256, load_manifest, neighbor_tokens, save_manifest
+from retro_dist.data.loader import Item, RetroLoader, check_compatible, deal
 from retro_dist.data.shards import DataError
 
 SEQ, CS, K = 64, 16, 3
@@ -114,8 +116,7 @@ def test_global_order_independent_of_layout(dataset, world, micro, workers):
     got = _global_batches([RetroLoader(dataset, "train", batch_size=micro, global_batch=8, seed=3, rank=r,
                                        world_size=world, num_workers=workers) for r in range(world)])
     assert got == reference and len(reference) == load_manifest(dataset)["counts"]["train"]["samples"] // 8
-    # a stream whose shards hold fewer samples wraps around: at most about one shard (37) repeated per stream
-    assert len({s for b in reference for s in b}) >= 8 * len(reference) - 8 * 37
+    assert len({s for b in reference for s in b}) == 8 * len(reference)  # no sample twice in an epoch
 
 
 @pytest.mark.parametrize("new_world", [1, 4])
@@ -138,6 +139,115 @@ def test_resume_on_another_world_size(dataset, new_world):
     assert resumed[0].epoch == 1
     got += _global_batches(resumed)
     assert got == reference
+
+
+# uneven shards -------------------------------------------------------------------------------------------------
+
+UNEVEN = 260  # training samples in 11 shards: 10 x 24 + 20
+
+
+@pytest.fixture(scope="module")
+def uneven(dataset, tmp_path_factory):
+    """The dataset with its train split cut to 260 samples in 11 shards of 10 x 24 + 20, by the shard stage's own
+    writer: with 8 canonical streams, whole shards give the streams 48, 24 or 20 samples for a quota of 32."""
+    ds = tmp_path_factory.mktemp("uneven") / "ds"
+    shutil.copytree(dataset, ds)
+    layout, m = Layout(ds), load_manifest(ds)
+    for meta in m["shards"]["train"]:
+        (layout.shards / meta["name"]).unlink()
+    shards = []
+    for number, begin in enumerate(range(0, UNEVEN, 24)):
+        path = layout.shards / layout.shard_name("train", number)
+        samples = range(begin, min(UNEVEN, begin + 24))
+        _write_shard(path, layout, "train", samples, seq_len=SEQ, chunk_size=CS)
+        shards.append({"name": path.name, "samples": len(samples), "bytes": path.stat().st_size,
+                       "sha256": file_sha256(path)})
+    assert [s["samples"] for s in shards] == [24] * 10 + [20]
+    m["shards"]["train"], m["counts"]["train"]["samples"] = shards, UNEVEN
+    save_manifest(ds, m)
+    return ds
+
+
+@pytest.mark.parametrize("world, micro, workers", [(2, 4, 0), (1, 8, 1), (4, 1, 2)])
+def test_uneven_shards_epoch_sees_every_sample_once(uneven, world, micro, workers):
+    """260 samples in 11 shards (10 x 24 + 20), global batch 8 (8 canonical streams): each of two epochs yields
+    every sample at most once and all but fewer than one global batch of them, the same global batches at 1, 2 and
+    4 ranks."""
+    for seed in (4, 5):
+        single = RetroLoader(uneven, "train", batch_size=8, global_batch=8, seed=seed)
+        reference = [_global_batches([single]) for _ in range(2)]
+        loaders = [RetroLoader(uneven, "train", batch_size=micro, global_batch=8, seed=seed, rank=r,
+                               world_size=world, num_workers=workers) for r in range(world)]
+        for epoch_number, want in enumerate(reference):
+            got = _global_batches(loaders)
+            seen = [s for b in got for s in b]
+            print(f"seed {seed} epoch {epoch_number}, {world} ranks x micro-batch {micro}: {len(set(seen))} "
+                  f"distinct of {UNEVEN} samples, {len(seen) - len(set(seen))} repeated")
+            assert got == want
+            assert len(seen) == UNEVEN // 8 * 8
+            assert len(set(seen)) == len(seen) >= UNEVEN - 8
+        assert reference[0] != reference[1]
+
+
+def test_uneven_shards_resume_on_another_world_size(uneven):
+    """2 ranks stop after 13 of 32 global batches (inside the samples dealt from split shards); 1 and 4 ranks
+    continue the same sequence exactly, and the epoch still holds no sample twice."""
+    reference = _global_batches([RetroLoader(uneven, "train", batch_size=8, global_batch=8, seed=2)])
+    for new_world in (1, 4):
+        loaders = [RetroLoader(uneven, "train", batch_size=2, global_batch=8, seed=2, rank=r, world_size=2)
+                   for r in range(2)]
+        its = [iter(ld) for ld in loaders]
+        got = [sorted(s for it in its for _ in range(2) for s in next(it)["index"].tolist()) for _ in range(13)]
+        state = json.loads(json.dumps(loaders[0].state_dict()))
+        resumed = [RetroLoader(uneven, "train", batch_size=8 // new_world, global_batch=8, seed=2, rank=r,
+                               world_size=new_world, num_workers=1) for r in range(new_world)]
+        for ld in resumed:
+            ld.load_state_dict(state)
+        got += _global_batches(resumed)
+        assert got == reference
+        assert len({s for b in got for s in b}) == len(got) * 8
+
+
+def test_uneven_shards_cost_in_reads(uneven, monkeypatch):
+    """Tar reads per epoch, all ranks together (no workers, so each rank's shard cache is one): every shard once,
+    plus at most one read per canonical stream but one for the samples dealt from split shards."""
+    reads = []
+    real = loader_mod.read_shard
+    monkeypatch.setattr(loader_mod, "read_shard", lambda url, **kw: reads.append(url) or real(url, **kw))
+    for world in (1, 2, 8):
+        reads.clear()
+        for r in range(world):
+            epoch(RetroLoader(uneven, "train", batch_size=8 // world, global_batch=8, seed=3, rank=r,
+                              world_size=world))
+        print(f"{world} ranks: {len(reads)} tar reads per epoch for 11 shards ({len(set(reads))} distinct)")
+        assert len(set(reads)) == 11 and len(reads) <= 11 + 8 - 1
+
+
+def test_deal_fills_every_stream_once():
+    """deal() on random shard sizes: every stream gets exactly its quota, no slot twice, at most C - 1 shards read
+    by a second stream, and none when whole shards already fill every stream."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        streams = int(rng.choice([1, 2, 4, 8]))
+        sizes = [int(x) for x in rng.integers(1, 40, size=int(rng.integers(1, 30)))]
+        if rng.random() < 0.3:
+            sizes = [37] * len(sizes)
+        total, per = sum(sizes), int(rng.integers(1, 5))
+        if total < streams * per:
+            continue
+        quota = total // (streams * per) * per
+        order = [int(x) for x in rng.permutation(len(sizes))]
+        plan = deal(order, sizes, streams, quota)
+        assert len(plan) == streams and all(sum(it.stop - it.start for it in items) == quota for items in plan)
+        slots = [(it.shard, k) for items in plan for it in items for k in range(it.start, it.stop)]
+        assert len(set(slots)) == len(slots) and all(0 <= k < sizes[sh] for sh, k in slots)
+        readers = [{it.shard for it in items} for items in plan]
+        extra = sum(len(r) for r in readers) - len(set().union(*readers))
+        assert extra <= streams - 1, (sizes, order, streams, quota, plan)
+        whole = [order[s:len(order) // streams * streams:streams] for s in range(streams)]
+        if all(sum(sizes[sh] for sh in w) >= quota for w in whole):
+            assert extra == 0
+    assert deal([1, 0], [3, 5], 2, 4) == [[Item(1, 0, 4)], [Item(0, 0, 3), Item(1, 4, 5)]]
 
 
 def test_bad_divisibility_names_what_works(dataset):

@@ -5,23 +5,26 @@ The plan ("canonical streams", after MosaicML streaming's canonical nodes). A ru
 batch G and a number of canonical streams C (default: gcd(G, 8), so 1, 2, 4 and 8 ranks all fit whenever G is a
 multiple of 8); both are recorded in the loader state and kept on resume. For an epoch:
 
-- The shards are shuffled by (seed, epoch) and dealt to the C streams: with at least C shards, stream s reads shards
-  s, s + C, ... whole and in order; with fewer, every stream reads every shard and takes every C-th sample. Each
-  shard is read whole and sequentially (no random access into tars), checked, and its samples permuted by
-  (seed, epoch, shard): shuffling at shard granularity plus within shards, as a pure function of the seed.
-- A stream is an endless cycle over its samples; global batch t (t < floor(samples / G) batches per epoch) takes
-  samples [t q, (t + 1) q) of every stream, q = G / C, streams in order. So the samples of global batch t are a
-  fixed function of (seed, epoch, dataset, C, G): a stream whose shards hold fewer samples wraps around to its
-  start, one with more stops early (per epoch a stream repeats or skips at most about one shard's worth).
+- The shards are shuffled by (seed, epoch) and dealt to the C streams so that every stream holds exactly its
+  quota of Q = B q samples, B = floor(samples / G) global batches per epoch, q = G / C (see `deal`): stream s first
+  takes whole shards s, s + C, ... of the first floor(shards / C) C in epoch order, up to its quota; what those
+  shards hold beyond a stream's quota and the remaining shards form a pool, dealt in contiguous runs of samples to
+  the streams still short of their quota, in stream order. So an epoch yields every sample at most once and all but
+  samples - B G < G of them. Each shard is read whole and sequentially (no random access into tars), checked, and
+  its samples permuted by (seed, epoch, shard): shuffling at shard granularity plus within shards, as a pure
+  function of the seed.
+- Global batch t (t < B) takes samples [t q, (t + 1) q) of every stream, streams in order. So the samples of global
+  batch t are a fixed function of (seed, epoch, dataset, C, G).
 - Rank r of W takes streams r, r + W, ... (W must divide C): its G / W samples of batch t are its streams' pieces in
   stream order, cut into micro-batches of `batch_size` (accumulation = G / (W * batch_size)). Every rank yields the
   same number of micro-batches. The loss of a step is the mean over the same G samples at any world size.
 - DataLoader workers split a rank's streams into contiguous runs (the largest worker count <= num_workers that
   divides them; extra workers stay idle), each yielding one collated part of each batch for its streams; the main
   process joins the parts in stream order.
-- Cost: per global batch a rank decodes G / W samples; with at least C shards it reads each of its shards once per
-  epoch (1/W of the data); with fewer than C shards each of its streams reads every shard (C / W reads of the
-  dataset per epoch, of which it keeps 1/W).
+- Cost: per global batch a rank decodes G / W samples. Per epoch, all ranks together read every shard once, plus
+  one more read of a shard for each stream that takes a run of it from the pool while another stream reads it too:
+  at most C - 1 extra reads, none when whole shards fill every quota (equal shards, a shard count divisible by C).
+  A rank reads its streams' shards (about 1/W of the data) plus at most one extra shard per stream.
 - A bad sample under `on_bad_sample=skip` is replaced by the first good sample after it in its shard's permuted
   order, or, when the whole shard is bad, from the next shard of the epoch order that has one: a pure function of
   the data, so ranks stay equal, positions stay count-based and resume stays exact. Only a split with no good sample
@@ -53,17 +56,45 @@ _MIX = 0x9E3779B97F4A7C15  # seeds of (seed, epoch, shard) kept apart
 
 @dataclass(frozen=True)
 class Item:
-    """One shard, or every `stride`-th of its samples from `offset`."""
+    """Slots [start, stop) of a shard's samples in their permuted order."""
     shard: int
-    offset: int = 0
-    stride: int = 1
+    start: int
+    stop: int
 
 
-def split_items(items: list[Item], parts: int, part: int) -> list[Item]:
-    """Deal items to `parts` consumers: whole items when there are enough, else interleaved samples of every item."""
-    if len(items) >= parts:
-        return items[part::parts]
-    return [Item(it.shard, it.offset + part * it.stride, it.stride * parts) for it in items]
+def deal(order: list[int], sizes: list[int], streams: int, quota: int) -> list[list[Item]]:
+    """Each stream's items, `quota` samples in all: whole shards first, then runs of a pool of samples.
+
+    Stream s takes shards order[s], order[s + C], ... of the first floor(len(order) / C) C whole, in order, until it
+    has `quota` samples; the pool (what those shards hold past their stream's quota, in stream order, then the
+    remaining shards in epoch order) is cut into consecutive runs for the streams still short, in stream order. A
+    shard is read by a second stream only where a run of the pool comes from a shard its owner reads too or a run
+    boundary falls inside a shard: at most C - 1 times in all, since such streams are distinct.
+    """
+    whole = len(order) // streams * streams
+    plan: list[list[Item]] = [[] for _ in range(streams)]
+    pool: list[Item] = []
+    for s in range(streams):
+        need = quota
+        for shard in order[s:whole:streams]:
+            take = min(sizes[shard], need)
+            if take:
+                plan[s].append(Item(shard, 0, take))
+            if take < sizes[shard]:
+                pool.append(Item(shard, take, sizes[shard]))
+            need -= take
+    pool += [Item(shard, 0, sizes[shard]) for shard in order[whole:]]
+    pool.reverse()  # taken from the end
+    for items in plan:
+        need = quota - sum(it.stop - it.start for it in items)
+        while need:
+            piece = pool.pop()  # C * quota <= the samples of all shards: the pool holds what the streams lack
+            take = min(piece.stop - piece.start, need)
+            items.append(Item(piece.shard, piece.start, piece.start + take))
+            if piece.start + take < piece.stop:
+                pool.append(Item(piece.shard, piece.start + take, piece.stop))
+            need -= take
+    return plan
 
 
 def world_from_env() -> tuple[int, int]:
@@ -197,11 +228,9 @@ class RetroLoader:
         return np.random.default_rng([self.seed, epoch, _MIX]).permutation(len(self.shards))
 
     def _items(self, epoch: int, stream: int) -> list[Item]:
-        return split_items([Item(int(s)) for s in self._order(epoch)], self.streams, stream)
-
-    def _selected(self, item: Item) -> int:
-        n = self.shards[item.shard]["samples"]
-        return max(0, -(-(n - item.offset) // item.stride))
+        sizes = [s["samples"] for s in self.shards]
+        quota = self.batches_per_epoch * (self.global_batch // self.streams)
+        return deal([int(s) for s in self._order(epoch)], sizes, self.streams, quota)[stream]
 
     def rank_streams(self) -> list[int]:
         return list(range(self.rank, self.streams, self.world_size))
@@ -256,23 +285,16 @@ class RetroLoader:
         return good[slot % len(good)]
 
     def _stream_samples(self, epoch: int, stream: int, start: int) -> Iterator[tuple[Sample, bool]]:
-        """Stream `stream` from logical sample `start` on, endlessly: (sample, replaced)."""
-        items = self._items(epoch, stream)
-        sizes = [self._selected(it) for it in items]
-        if sum(sizes) == 0:
-            raise DatasetError(f"canonical stream {stream} of split {self.split!r} has no samples")
-        cursor, within = 0, start % sum(sizes)
-        while within >= sizes[cursor]:
-            within -= sizes[cursor]
-            cursor += 1
-        while True:
-            item = items[cursor % len(items)]
-            if sizes[cursor % len(items)]:
-                samples, order = self._read(item.shard), self._permuted(epoch, item.shard)
-                for slot in range(item.offset + within * item.stride, len(order), item.stride):
-                    sample = samples[order[slot]]
-                    yield (sample, False) if sample is not None else (self._replacement(epoch, item.shard, slot), True)
-            cursor, within = cursor + 1, 0
+        """Stream `stream` of the epoch from its sample `start` on: (sample, replaced)."""
+        for item in self._items(epoch, stream):
+            if start >= item.stop - item.start:  # before the position: skipped unread
+                start -= item.stop - item.start
+                continue
+            samples, order = self._read(item.shard), self._permuted(epoch, item.shard)
+            for slot in range(item.start + start, item.stop):
+                sample = samples[order[slot]]
+                yield (sample, False) if sample is not None else (self._replacement(epoch, item.shard, slot), True)
+            start = 0
 
     def _pieces(self, epoch: int, streams: list[int], first: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """(t, one collated batch of these streams' pieces of global batch t, in stream order) for t from `first`."""
