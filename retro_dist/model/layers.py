@@ -44,16 +44,21 @@ def make_norm(dim: int, *, gated_rmsnorm: bool, use_deepnet: bool) -> nn.Module:
 
 
 class Rotary(nn.Module):
-    """Rotary position tables for the first ROTARY_DIM dims of each head."""
+    """Rotary position tables for the first ROTARY_DIM dims of each head, always computed in float32.
+
+    The frequencies are no buffer: a cast of the model (`.to(torch.bfloat16)`, `from_pretrained(dtype=...)`, an
+    engine that casts buffers) would round them, and bf16 positions collide above 256.
+    """
 
     def __init__(self, dim: int = ROTARY_DIM):
         super().__init__()
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim = dim
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions [n] -> (cos, sin), each [n, dim], in float32."""
-        freqs = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
+        exponents = torch.arange(0, self.dim, 2, device=positions.device, dtype=torch.float32) / self.dim
+        inv_freq = 1.0 / (10000 ** exponents)
+        freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
@@ -72,14 +77,20 @@ def apply_rotary(t: Tensor, rope: RopeTable) -> Tensor:
     return torch.cat((t_rot, t_pass), dim=-1)
 
 
+def mask_value(dtype: torch.dtype) -> float:
+    """The additive bias of a masked key: half the dtype's lowest value, so that adding a score to it stays finite
+    (in fp16, -65504 plus a score below -16 is -inf, and a row of -inf is NaN after softmax)."""
+    return torch.finfo(dtype).min / 2
+
+
 def key_padding_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
-    """Boolean keep mask [B, j] -> additive bias [B, 1, 1, j]: 0 where kept, the dtype's lowest value where masked.
+    """Boolean keep mask [B, j] -> additive bias [B, 1, 1, j]: 0 where kept, `mask_value(dtype)` where masked.
 
     A finite bias (not -inf) is what RETRO-pytorch's masked_fill does: a row whose keys are all masked attends
     uniformly instead of producing NaN.
     """
     bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
-    bias.masked_fill_(~keep, torch.finfo(dtype).min)
+    bias.masked_fill_(~keep, mask_value(dtype))
     return rearrange(bias, "b j -> b 1 1 j")
 
 
@@ -93,8 +104,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, ca
     cannot take (they draw the masks of the whole batch from the global generator): the probabilities are then
     materialised, as SDPA's math path does.
     """
-    if bias is not None:
-        bias = bias.to(q.dtype)
+    if bias is not None and bias.dtype != q.dtype:
+        # a float32 bias (built beside float32 weights under autocast) holds values that overflow fp16
+        bias = bias.clamp(min=mask_value(q.dtype)).to(q.dtype)
     dropping = dropout is not None and dropout.training and dropout.p > 0
     small = (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
              and q.shape[-2] * k.shape[-2] <= 512 * 512)
@@ -258,15 +270,28 @@ class LogitsHead(nn.Linear):
     """The output projection. Given labels it returns the mean cross-entropy without materialising the full
     [tokens, vocab] float32 logits: rows are processed in blocks, and the gradients are computed on the way (the
     block's softmax is at hand then), so backward only scales them. Same function as F.cross_entropy on the logits.
+
+    The gradients are kept as sums of (softmax - onehot) over tokens, and the 1 / tokens of the mean is applied in
+    backward together with the incoming gradient (fp16's loss scale), in float32: divided by thousands of tokens,
+    most of a token's gradient lies below fp16's smallest subnormal (6e-8).
     """
 
     block_elements = 1 << 24  # ~64 MB of float32 logits per block
+    fp16_block_rows = 4096  # a block's fp16 weight gradient sums this many rows of x: stays under 65504 for |x| < 16
 
     def forward(self, x: Tensor, labels: Tensor | None = None, *, ignore_index: int = -100) -> Tensor:
         if labels is None:
             return super().forward(x)
         rows = max(1, self.block_elements // self.out_features)
+        if _matmul_dtype(x) == torch.float16:
+            rows = min(rows, self.fp16_block_rows)
         return _LinearCrossEntropy.apply(x.flatten(0, -2), self.weight, self.bias, labels.flatten(), ignore_index, rows)
+
+
+def _matmul_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matmul with x runs in: autocast's where it is on, x's otherwise."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -277,9 +302,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = labels != ignore_index
         count = valid.sum().clamp(min=1).to(torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
+        dtype = _matmul_dtype(x)
         grad_x = torch.empty_like(x) if needs_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if needs_grad else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if needs_grad and bias is not None else None
+        grad_b = (torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device)
+                  if needs_grad and bias is not None else None)
         for start in range(0, x.shape[0], rows):
             xb, lb, vb = x[start:start + rows], labels[start:start + rows], valid[start:start + rows]
             logits = F.linear(xb, weight, bias).float()
@@ -289,20 +316,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if needs_grad:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
                 probs[torch.arange(len(lb), device=x.device), lb] -= 1.0
-                probs.mul_((vb / count)[:, None])
-                g = probs.to(xb.dtype if not torch.is_autocast_enabled(x.device.type) else
-                             torch.get_autocast_dtype(x.device.type))
-                grad_x[start:start + rows] = torch.matmul(g, weight.to(g.dtype))
-                grad_w += torch.matmul(g.t(), xb.to(g.dtype))
+                probs.mul_(vb[:, None])  # in [-1, 1]: fits fp16 without the 1 / count
+                g = probs.to(dtype)
+                grad_x[start:start + rows] = torch.matmul(g, weight.to(dtype))
+                grad_w += torch.matmul(g.t(), xb.to(dtype))
                 if grad_b is not None:
                     grad_b += probs.sum(dim=0)
         if needs_grad:
-            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype),
-                                  grad_b.to(bias.dtype) if grad_b is not None else None)
+            ctx.param_dtypes = weight.dtype, bias.dtype if bias is not None else None
+            ctx.save_for_backward(grad_x, grad_w, grad_b, count)  # sums over tokens; float32 but for grad_x
         return total / count
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_x, grad_w, grad_b = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_out.to(g.dtype)  # noqa: E731
-        return scale(grad_x), scale(grad_w), scale(grad_b), None, None, None
+        grad_x, grad_w, grad_b, count = ctx.saved_tensors
+        factor = grad_out.to(torch.float32) / count  # fp16's loss scale overflows fp16 itself (2^16 > 65504)
+        w_dtype, b_dtype = ctx.param_dtypes
+        grad_x = (grad_x.to(torch.float32) * factor).to(grad_x.dtype)
+        grad_w = (grad_w * factor).to(w_dtype)
+        grad_b = (grad_b * factor).to(b_dtype) if grad_b is not None else None
+        return grad_x, grad_w, grad_b, None, None, None
