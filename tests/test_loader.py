@@ -62,6 +62,26 @@ def test_batches_match_the_arrays(dataset):
     assert sorted(seen) != seen  # shuffled
 
 
+def test_pin_memory_reaches_the_join(dataset, monkeypatch):
+    """With pin_memory the joined tokens and retrieved are built in page-locked buffers (non_blocking copies to a
+    GPU are asynchronous only from there); off by default. A CPU-only torch cannot pin, so the allocation of the
+    page-locked buffer is replaced by a recording plain one; the join itself runs as it does on CUDA."""
+    calls = []
+
+    def recording(shape, dtype):
+        calls.append((tuple(shape), dtype))
+        return torch.empty(shape, dtype=dtype)
+
+    monkeypatch.setattr(loader_mod, "pinned_empty", recording)
+    plain = next(iter(RetroLoader(dataset, "train", batch_size=4, global_batch=8, rank=0, world_size=2)))
+    assert not calls
+    pinned = next(iter(RetroLoader(dataset, "train", batch_size=4, global_batch=8, rank=0, world_size=2,
+                                   num_workers=2, pin_memory=True)))
+    assert calls == [((4, SEQ + 1), torch.int64), ((4, SEQ // CS, K, 2 * CS), torch.int64)]
+    for key in ("tokens", "retrieved", "index", "position"):
+        assert torch.equal(plain[key], pinned[key]), key
+
+
 def test_retrieval_off(dataset):
     batch = next(iter(RetroLoader(dataset, "val", batch_size=2, retrieval=False)))
     assert batch["retrieved"] is None and batch["tokens"].shape == (2, SEQ + 1)
