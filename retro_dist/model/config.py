@@ -60,7 +60,7 @@ class RetroConfig:
     sits at cs - 1 + t, in the neighbor's coordinates (keys 0 .. m - 1), so the token a query predicts lines up with
     the neighbor's continuation. `retro-pytorch`: its shifted table (the first query at 2cs - 2, the others at 0),
     kept so converted RETRO-pytorch weights give the same logits; with it a model cannot learn to copy by position
-    (README, Retrieval that is read)."""
+    (docs/reading-neighbors.md)."""
 
     def __post_init__(self) -> None:
         for name in ("enc_cross_attn_layers", "dec_cross_attn_layers"):

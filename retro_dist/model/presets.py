@@ -16,7 +16,7 @@ DATASET_KEYS = {"num_tokens": "vocab_size", "max_seq_len": "seq_len", "chunk_siz
 # No preset gives the retrieval encoder cross-attention to the decoder's chunk (RETRO-pytorch's default puts it in
 # every encoder block): it hands the chunked cross-attention the decoder's own chunk back, a path that lowers the
 # loss with any neighbors at all, random ones too, and that the model learns instead of reading its neighbors
-# (measured: README, Retrieval that is read). Set model.arch.enc_cross_attn_layers to have it.
+# (measured: docs/benchmarks.md, Copy task). Set model.arch.enc_cross_attn_layers to have it.
 NO_ENCODER_CROSS_ATTN: tuple[int, ...] = ()
 
 PRESETS: dict[str, dict[str, Any]] = {
