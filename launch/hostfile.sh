@@ -8,7 +8,9 @@
 #   HOSTFILE=hosts MASTER_ADDR=node0 NODE_RANK=1 NO_SSH=1 launch/hostfile.sh --config my_run.yaml   # on node1
 #
 # Environment: HOSTFILE (required), MASTER_ADDR (required: the first host), MASTER_PORT (default 29500),
-# NO_SSH=1 with NODE_RANK, RETRO_VENV (default ./.venv).
+# NO_SSH=1 with NODE_RANK, RETRO_VENV (default ./.venv), and the rank environment of launch/env.sh. Over ssh the
+# deepspeed launcher passes only PYTHON* and (on GPUs) NCCL_* variables on to the other hosts: name the others
+# (TORCH_NCCL_ASYNC_ERROR_HANDLING=1, MALLOC_MMAP_THRESHOLD_=65536 on CPU) in ~/.deepspeed_env, one VAR=value a line.
 set -euo pipefail
 VENV=${RETRO_VENV:-$(cd "$(dirname "$0")/.." && pwd)/.venv}
 : "${HOSTFILE:?set HOSTFILE to a DeepSpeed hostfile (lines of: hostname slots=N)}"
@@ -29,8 +31,6 @@ problem=$(awk '
   END { if (!failed && hosts == 0) print "has no hosts: write one line per host, \"hostname slots=N\"" }
 ' "$HOSTFILE") || die "cannot read hostfile $HOSTFILE"
 [ -z "$problem" ] || die "hostfile $HOSTFILE $problem"
-command -v nvidia-smi >/dev/null 2>&1 || export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 extra=()
 if [ "${NO_SSH:-0}" = 1 ]; then
   : "${NODE_RANK:?NO_SSH=1 needs NODE_RANK (0 on the first host)}"
@@ -39,6 +39,16 @@ if [ "${NO_SSH:-0}" = 1 ]; then
     die "NODE_RANK=$NODE_RANK but hostfile $HOSTFILE lists $hosts hosts: give each node its position," \
         "0 to $((hosts - 1))"
   extra=(--no_ssh --node_rank "$NODE_RANK")
+fi
+# shellcheck source=env.sh
+. "$(dirname "$0")/env.sh"
+if [ -n "$(retro_gpu_ids)" ]; then
+  retro_rank_env gpu
+  # this node builds the ops the run JIT-compiles before its ranks start; with ssh, the first host only (the others
+  # build on first use: install DeepSpeed with its ops prebuilt there, docs/cluster-gpu.md)
+  "$VENV/bin/python" -m retro_dist.launch.node_setup --check-gpus --build auto -- "$@" || exit
+else
+  retro_rank_env cpu
 fi
 exec "$VENV/bin/deepspeed" --hostfile "$HOSTFILE" "${extra[@]}" --master_addr "$MASTER_ADDR" \
   --master_port "${MASTER_PORT:-29500}" --module retro_dist.cli train "$@"

@@ -2,8 +2,9 @@
 
   1. data_prep on source code of Python's own standard library (three packages, 2.3 MB), whose files repeat each
      other (the `encodings` codecs are a family of generated modules), with documents aligned to chunks;
-  2. training on 2 processes under the deepspeed launcher (ZeRO 2, activation checkpointing, bf16 where the
-     hardware has it, TensorBoard, checkpoints), with the run config retro_dist/configs/demo.yaml;
+  2. training on one process per GPU (2 processes on a CPU) under the deepspeed launcher launch/local.sh (ZeRO 2,
+     activation checkpointing, bf16 where the hardware has it, TensorBoard, checkpoints; CPU ranks start with
+     MALLOC_MMAP_THRESHOLD_=65536, launch/env.sh), with the run config retro_dist/configs/demo.yaml;
   3. export of the consolidated model;
   4. validation perplexity with true neighbors, random neighbors and retrieval off, and by neighbor overlap;
   5. a generated continuation, with the neighbors retrieved for each chunk;
@@ -11,7 +12,9 @@
 
 Re-running resumes: finished data_prep stages are skipped and training continues from its newest checkpoint.
 
-    python -m retro_dist.demo --out runs/demo [--steps N] [--nproc 2] [--fresh]
+    python -m retro_dist.demo --out runs/demo [--steps N] [--nproc N] [--fresh]
+
+--nproc defaults to the number of GPUs torch sees, else 2 CPU processes.
 """
 
 from __future__ import annotations
@@ -79,6 +82,13 @@ def prepare(text: Path, dataset: Path) -> None:
     cli = [sys.executable, "-m", "retro_dist.cli"]
     args = ["prepare", "--input", str(text), "--out", str(dataset), *PREPARE]
     _run(cli + args, shown=shlex.join(["retro-dist", *args]))
+
+
+def default_nproc() -> int:
+    """One process per GPU torch sees, else 2 CPU processes."""
+    import torch
+
+    return torch.cuda.device_count() or 2
 
 
 def train(dataset: Path, run_dir: Path, *, nproc: int, steps: int | None) -> None:
@@ -170,13 +180,15 @@ def plot(run_dir: Path, report: dict | None) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="the demo's directory")
-    parser.add_argument("--nproc", type=int, default=2, help="training processes")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="training processes (default: one per GPU torch sees, else 2 on CPU)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--eval-samples", type=int, default=0,
                         help="validation samples the eval step reads (default 0: the whole split)")
     parser.add_argument("--fresh", action="store_true", help="delete the demo directory first")
     args = parser.parse_args(argv)
+    nproc = args.nproc or default_nproc()
     out = args.out.resolve()
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
@@ -193,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
              ("data_prep", "2/6 data_prep: tokenize (documents aligned to chunks), embed (hash-256), faiss index, "
                            "neighbors, shards",
               lambda: prepare(out / "text", dataset)),
-             ("train", "3/6 train on 2 processes: deepspeed launcher, ZeRO 2, activation checkpointing, bf16 "
-                       "where supported", lambda: train(dataset, run_dir, nproc=args.nproc, steps=args.steps)),
+             ("train", f"3/6 train on {nproc} processes: deepspeed launcher, ZeRO 2, activation checkpointing, "
+                       "bf16 where supported", lambda: train(dataset, run_dir, nproc=nproc, steps=args.steps)),
              ("export", "4/6 export the consolidated model", lambda: export(run_dir, model_dir)),
              ("eval", "5/6 eval: validation perplexity with true neighbors, random neighbors, retrieval off",
               lambda: evaluate(model_dir, dataset, args.eval_samples)),
