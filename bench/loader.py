@@ -8,7 +8,13 @@ from git at BEFORE_STREAMS, so the library keeps one plan); the samples/s a forw
 backward + AdamW step of the tiny and reference models consumes (bf16 autocast, this box); their ratio (target
 >= 20x); and the time to the first batch after resuming at the last batch of an epoch versus from its start.
 
+With --reads it prints only the cost of the plan in tar reads instead: per epoch, all ranks together, at 1, 2 and 8
+ranks, for this loader and side by side for the loader of --reads-against (default BEFORE_DEAL, which dealt only
+whole shards to streams), with the distinct samples each epoch yields, on the dataset's train shards and on the same
+samples cut into uneven shards (10 x 24 + 20 by default, --uneven).
+
     python bench/loader.py [--dataset DIR] [--batches 60]
+    python bench/loader.py --reads [--dataset DIR] [--uneven 24 260]
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,19 +40,84 @@ from retro_dist.model.presets import preset_config
 
 
 BEFORE_STREAMS = "e951ac51388120420c9635ff7b37c1d13f26375d"  # the last commit whose loader dealt shards per rank
+BEFORE_DEAL = "b2524e4"  # the last commit whose canonical streams took whole shards only (wrapping or stopping early)
 
 
-def loader_before_streams():
-    """The RetroLoader class of BEFORE_STREAMS, loaded from git next to this one (same shards.py and format.py)."""
+def loader_at(commit: str):
+    """The loader module of `commit`, loaded from git next to this one (same shards.py and format.py)."""
     root = Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "show", f"{BEFORE_STREAMS}:retro_dist/data/loader.py"], cwd=root,
+    source = subprocess.run(["git", "show", f"{commit}:retro_dist/data/loader.py"], cwd=root,
                             capture_output=True, text=True, check=True).stdout
-    spec = importlib.util.spec_from_loader("retro_dist.data._loader_before_streams", loader=None)
+    spec = importlib.util.spec_from_loader(f"retro_dist.data._loader_{commit[:7]}", loader=None)
     module = importlib.util.module_from_spec(spec)
     module.__package__ = "retro_dist.data"
     sys.modules[spec.name] = module  # DataLoader workers (fork) find the class through its module
-    exec(compile(source, f"{BEFORE_STREAMS[:7]}:retro_dist/data/loader.py", "exec"), module.__dict__)
-    return module.RetroLoader
+    exec(compile(source, f"{commit[:7]}:retro_dist/data/loader.py", "exec"), module.__dict__)
+    return module
+
+
+def loader_before_streams():
+    return loader_at(BEFORE_STREAMS).RetroLoader
+
+
+def uneven_copy(dataset: Path, out: Path, per_shard: int, samples: int) -> Path:
+    """`dataset` with its first `samples` train samples rewritten by the shard stage's writer into shards of
+    `per_shard` (the last one shorter)."""
+    from data_prep.shard import _write_shard
+    from retro_dist.data.format import Layout, file_sha256, save_manifest
+    shutil.copytree(dataset, out)
+    layout, manifest = Layout(out), load_manifest(out)
+    samples = min(samples, manifest["counts"]["train"]["samples"])
+    for meta in manifest["shards"]["train"]:
+        (layout.shards / meta["name"]).unlink()
+    shards = []
+    for number, begin in enumerate(range(0, samples, per_shard)):
+        path = layout.shards / layout.shard_name("train", number)
+        chosen = range(begin, min(samples, begin + per_shard))
+        _write_shard(path, layout, "train", chosen, seq_len=manifest["seq_len"], chunk_size=manifest["chunk_size"])
+        shards.append({"name": path.name, "samples": len(chosen), "bytes": path.stat().st_size,
+                       "sha256": file_sha256(path)})
+    manifest["shards"]["train"], manifest["counts"]["train"]["samples"] = shards, samples
+    save_manifest(out, manifest)
+    return out
+
+
+def epoch_reads(module, dataset: Path, world: int, global_batch: int) -> tuple[int, int, int]:
+    """One epoch on every rank of `world` (no workers: one shard cache per rank): (tar reads, samples yielded,
+    distinct samples), counting the calls of the module's read_shard."""
+    real, reads = module.read_shard, [0]
+
+    def counted(url, **kw):
+        reads[0] += 1
+        return real(url, **kw)
+
+    module.read_shard = counted
+    try:
+        loaders = [module.RetroLoader(dataset, "train", batch_size=global_batch // world, global_batch=global_batch,
+                                      rank=r, world_size=world) for r in range(world)]
+        seen = [s for loader in loaders for b in loader for s in b["index"].tolist()]
+    finally:
+        module.read_shard = real
+    return reads[0], len(seen), len(set(seen))
+
+
+def reads_table(dataset: Path, against: str, uneven: tuple[int, int], global_batch: int) -> None:
+    import retro_dist.data.loader as current
+    with tempfile.TemporaryDirectory() as tmp:
+        datasets = {"as prepared": dataset,
+                    f"uneven {uneven[0]}s": uneven_copy(dataset, Path(tmp) / "uneven", *uneven)}
+        print(f"\ntar reads per epoch, all ranks together (no workers: one shard cache per rank), global batch "
+              f"{global_batch}, {math.gcd(global_batch, 8)} canonical streams\n")
+        print("| shards | samples | ranks | plan | tar reads | samples yielded | distinct |")
+        print("|---|---|---|---|---|---|---|")
+        for name, ds in datasets.items():
+            manifest = load_manifest(ds)
+            sizes = [s["samples"] for s in manifest["shards"]["train"]]
+            for world in (1, 2, 8):
+                for plan, module in ((against[:7], loader_at(against)), ("this", current)):
+                    reads, yielded, distinct = epoch_reads(module, ds, world, global_batch)
+                    print(f"| {len(sizes)} {name} | {sum(sizes)} | {world} | {plan} | {reads} | {yielded} | "
+                          f"{distinct} |")
 
 
 def loader_rates(cls, dataset: Path, workers: int, batches: int, batch_size: int) -> tuple[float, float, float]:
@@ -112,6 +185,10 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path)
     parser.add_argument("--batches", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--reads", action="store_true", help="print only the cost of the plan in tar reads")
+    parser.add_argument("--reads-against", default=BEFORE_DEAL, help="commit whose loader --reads compares with")
+    parser.add_argument("--uneven", type=int, nargs=2, default=(24, 260), metavar=("PER_SHARD", "SAMPLES"),
+                        help="the uneven shards --reads also measures (default: 24 260, i.e. 10 x 24 + 20)")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         dataset = args.dataset
@@ -123,6 +200,9 @@ def main() -> None:
             dataset = tmp / "ds"
             assert prepare(["--input", str(corpus), "--out", str(dataset), "--embedder", "hash-256",
                             "--vocab-size", "8000", "--shard-samples", "16"]) == 0
+        if args.reads:
+            reads_table(dataset, args.reads_against, tuple(args.uneven), args.batch_size)
+            return
         manifest = load_manifest(dataset)
         old = loader_before_streams()
         rates = {w: {name: loader_rates(cls, dataset, w, args.batches, args.batch_size)
