@@ -222,3 +222,41 @@ def test_decode_step_equals_full_forward(extra):
         torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="pass neighbors exactly when it does"):
         model.decode_step(seq[:, 0], cache, retrieved[:, 0])
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda s, r: (s.clone().fill_(128), r), ValueError, r"seq holds token ids in \[128, 128\]"),
+    (lambda s, r: (s, r.clone().fill_(-1)), ValueError, r"retrieved holds token ids in \[-1, -1\].*-1 neighbor ids"),
+    (lambda s, r: (s, r.float()), TypeError, "retrieved must hold integer token ids"),
+])
+def test_check_inputs(model, make, error, message):
+    """The check the trainer runs on the CPU batch before the copy: the same one line as forward's."""
+    seq, retrieved = make(*inputs())
+    with pytest.raises(error, match=message):
+        model.check_inputs(seq, retrieved)
+    with pytest.raises(error, match=message):
+        model(seq, retrieved)  # a CPU forward still checks by itself
+    model.check_inputs(*inputs())
+    model.check_inputs(inputs()[0], None)
+
+
+def test_forward_off_the_cpu_never_reads_values_back(model, monkeypatch):
+    """On an accelerator the range check is a host sync per tensor per forward: it is skipped there (check_inputs
+    runs on the CPU batch instead). The meta device stands in for one: any read of a value back to the host raises
+    there, so forward, backward and decoding on meta tensors prove that none happens; a count of tolist/item calls
+    says the same."""
+    reads = []
+    for name in ("tolist", "item"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _o=original, **k: (reads.append(t.device), _o(t, *a, **k))[1])
+    meta = RETRO(CONFIG).to("meta").train()
+    seq, retrieved = (t.to("meta") for t in inputs(n=64))
+    loss = meta(torch.cat([seq, seq[:, :1]], dim=1), retrieved, return_loss=True)
+    loss.backward()
+    assert loss.device.type == "meta" and meta.to_logits.weight.grad is not None
+    cache = meta.new_cache()
+    for p in range(8):
+        meta.decode_step(seq[:, p], cache, retrieved[:, 0] if p == 7 else None)
+    assert reads == []
+    model(*inputs())
+    assert reads == [torch.device("cpu")] * 2  # on CPU: seq's and retrieved's range, one read each

@@ -291,7 +291,9 @@ class LogitsHead(nn.Linear):
 def _matmul_dtype(x: Tensor) -> torch.dtype:
     """The dtype a matmul with x runs in: autocast's where it is on, x's otherwise."""
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

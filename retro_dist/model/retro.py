@@ -272,16 +272,20 @@ class RETRO(nn.Module):
 
     # input checks: one clear line each, instead of a shape error deep inside --------------------------------
 
+    def check_inputs(self, seq: Tensor, retrieved: Tensor | None = None) -> None:
+        """Raise one clear TypeError/ValueError if `seq` or `retrieved` hold anything but token ids in
+        [0, num_tokens). It reads the ids back to the host: call it on the CPU batch before the copy to an
+        accelerator. `forward` and `decode_step` run it themselves on CPU tensors only, so that a step on an
+        accelerator never waits for the device."""
+        for name, t in (("seq", seq), ("retrieved", retrieved)):
+            if t is not None:
+                _check_dtype(name, t)
+                _check_range(name, t, self.config.num_tokens)
+
     def _check_tokens(self, name: str, t: Tensor) -> None:
-        if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"{name} must hold integer token ids, got dtype {t.dtype}")
-        if t.numel() == 0:
-            return
-        lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one device-to-host copy per check
-        if lo < 0 or hi >= self.config.num_tokens:
-            raise ValueError(f"{name} holds token ids in [{lo}, {hi}], outside "
-                             f"[0, num_tokens={self.config.num_tokens}): check the tokenizer's vocab size "
-                             f"and that -1 neighbor ids were replaced by pad_id")
+        _check_dtype(name, t)
+        if t.device.type == "cpu":  # elsewhere the range check would wait for the device: check_inputs does it
+            _check_range(name, t, self.config.num_tokens)
 
     def _check_retrieved(self, retrieved: Tensor, b: int, n: int) -> Tensor:
         cs = self.config.chunk_size
@@ -327,6 +331,20 @@ class RETRO(nn.Module):
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _check_dtype(name: str, t: Tensor) -> None:
+    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{name} must hold integer token ids, got dtype {t.dtype}")
+
+
+def _check_range(name: str, t: Tensor, num_tokens: int) -> None:
+    if t.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one device-to-host copy per check
+    if lo < 0 or hi >= num_tokens:
+        raise ValueError(f"{name} holds token ids in [{lo}, {hi}], outside [0, num_tokens={num_tokens}): check the "
+                         f"tokenizer's vocab size and that -1 neighbor ids were replaced by pad_id")
 
 
 def deepnorm_init(module: nn.Module, beta: float) -> None:
