@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from retro_dist.data.format import Layout, load_npy
-from retro_dist.retrieval.embedders import get_embedder
+from retro_dist.retrieval.embedders import embedder_record, get_embedder
 
 from .blocks import compute_blocks
 from .stage import StageContext
@@ -50,5 +50,5 @@ def run(ctx: StageContext) -> dict[str, Any]:
         counts[f"{split}_chunks"] = len(chunks)
         counts[f"{split}_blocks_computed"] = stats.blocks_computed
         counts[f"{split}_rows_per_s"] = stats.rows_per_s
-    ctx.facts["embedder"] = {"name": embedder.name, "dim": embedder.dim}
+    ctx.facts["embedder"] = embedder_record(embedder)
     return counts

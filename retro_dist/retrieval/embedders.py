@@ -1,6 +1,7 @@
-"""Text embedders for retrieval: all-MiniLM-L6-v2 (the real one) and a hashed bag of words (fast, for tests).
+"""Text embedders for retrieval: all-MiniLM-L6-v2 (the real one), its static distillation `minilm-static` (semantic
+and fast on CPU, in static.py) and a hashed bag of words (lexical, for tests).
 
-Both return float32 rows of unit L2 norm, so an inner-product index ranks by cosine similarity. `get_embedder(name)`
+All return float32 rows of unit L2 norm, so an inner-product index ranks by cosine similarity. `get_embedder(name)`
 rebuilds the embedder a dataset manifest names.
 """
 
@@ -94,11 +95,11 @@ def resolve_device(device: str) -> str:
 
 
 def bf16_supported(device: str) -> bool:
-    """Whether bf16 autocast is fast on `device`: native bf16 on CUDA, AVX512/AMX on CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    capability = torch.backends.cpu.get_cpu_capability()
-    return "AVX512" in capability or "AMX" in capability
+    """Whether bf16 autocast is fast on `device` (retro_dist.precision decides, as for training)."""
+    from retro_dist.precision import auto_precision
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        return False
+    return auto_precision(device).name == "bf16"
 
 
 class MiniLMEmbedder:
@@ -175,12 +176,26 @@ class MiniLMEmbedder:
         return out
 
 
-def get_embedder(name: str, *, device: str = "auto", batch_size: int = 64) -> Embedder:
-    """The embedder called `name`: 'minilm', or 'hash-<dim>' ('hash' alone means 'hash-256'). `device` is where
-    MiniLM runs: 'auto' (a GPU where there is one), 'cpu', 'cuda:N'."""
+def get_embedder(name: str, *, device: str = "auto", batch_size: int = 64, sha256: str | None = None,
+                 **_record) -> Embedder:
+    """The embedder called `name`: 'minilm', 'minilm-static' ('minilm-static-<dim>'), or 'hash-<dim>' ('hash' alone
+    means 'hash-256'). `device` is where MiniLM runs: 'auto' (a GPU where there is one), 'cpu', 'cuda:N'.
+    `get_embedder(**manifest["embedder"])` rebuilds a dataset's embedder: a static table whose `sha256` differs
+    from the recorded one is refused (other fields of the record, such as dim, are implied by the name)."""
+    from retro_dist.retrieval.static import StaticEmbedder, parse_name
+
     if name == "minilm":
         return MiniLMEmbedder(device=device, batch_size=batch_size)
+    static_dim = parse_name(name)
+    if static_dim is not None:
+        return StaticEmbedder(static_dim, sha256=sha256)
     match = re.fullmatch(r"hash(?:-(\d+))?", name)
     if match:
         return HashEmbedder(int(match.group(1) or 256))
-    raise ValueError(f"unknown embedder {name!r}: known ones are 'minilm' and 'hash-<dim>' (e.g. 'hash-256')")
+    raise ValueError(f"unknown embedder {name!r}: known ones are 'minilm', 'minilm-static' and 'hash-<dim>' "
+                     "(e.g. 'hash-256')")
+
+
+def embedder_record(embedder: Embedder) -> dict:
+    """The manifest's `embedder` entry: name and dim, and what pins a built table (a static embedder's sha256)."""
+    return dict(getattr(embedder, "record", None) or {"name": embedder.name, "dim": embedder.dim})
