@@ -32,7 +32,7 @@ class Retriever:
         if not m.get("stages", {}).get("index", {}).get("done"):
             raise ValueError(f"{dataset} has no finished index: run `retro-dist prepare` to the end")
         self.tokenizer = Tokenizer.from_file(str(layout.tokenizer))
-        self.embedder = get_embedder(m["embedder"]["name"])
+        self.embedder = get_embedder(**m["embedder"])  # a static table must be the one the dataset used
         self.index = load_index(layout.index, mmap=True)
         self.vectors = load_npy(layout.embeddings("train"))  # exact re-scoring of a compressed index's candidates
         self.rerank = m.get("index", {}).get("rerank")  # the depth the index stage tuned
