@@ -325,8 +325,8 @@ def run_rss(preset: str, nproc: int, stage: int, precision: str, timeout: int, m
 
 
 def rss_tables(args: argparse.Namespace) -> None:
-    from retro_dist.train.ds_config import resolve_precision
-    precision = resolve_precision("auto", "cpu")
+    from retro_dist.precision import resolve_precision
+    precision = resolve_precision("auto", "cpu").name
     pb = 2 if precision in ("bf16", "fp16") else 4
     settings = {s: json.loads((ROOT / "ds_configs" / f"zero{s}.json").read_text())["zero_optimization"]
                 for s in args.stages}

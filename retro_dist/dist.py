@@ -60,10 +60,27 @@ def _first_slurm_host(nodelist: str) -> str:
 def discover(env: dict[str, str] | None = None) -> tuple[dict[str, str], str]:
     """The torch-style variables for this process, and the name of the launcher they came from."""
     env = dict(os.environ if env is None else env)
+    # The launcher that started this process wins. mpirun inside an sbatch/salloc allocation leaves SLURM_PROCID in
+    # place (the batch step's, or that of the srun that started Open MPI's daemons: the same on several ranks), so
+    # MPI variables that disagree with SLURM's come from mpirun; where they agree, srun started the process.
+    mpi_rank = env.get("OMPI_COMM_WORLD_RANK") or env.get("PMI_RANK")
+    mpi_size = env.get("OMPI_COMM_WORLD_SIZE") or env.get("PMI_SIZE")
+    slurm = "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env
+    srun_started = slurm and (mpi_rank, mpi_size) in ((None, None), (env.get("SLURM_PROCID"), env.get("SLURM_NTASKS")))
     if "RANK" in env and "WORLD_SIZE" in env:
         launcher = "torch"
         mapped = {"RANK": env["RANK"], "WORLD_SIZE": env["WORLD_SIZE"], "LOCAL_RANK": env.get("LOCAL_RANK", "0")}
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
+    elif mpi_rank is not None and not srun_started:
+        launcher = "mpi"
+        if mpi_size is None:
+            raise DistInitError("under MPI but the world size is not in the environment (OMPI_COMM_WORLD_SIZE / "
+                               "PMI_SIZE); launch with mpirun -np N")
+        mapped = {"RANK": mpi_rank, "WORLD_SIZE": mpi_size,
+                  "LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK") or env.get("MPI_LOCALRANKID", "0")}
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if "MASTER_ADDR" not in env and slurm and nodelist:  # mpirun in an allocation places rank 0 on its first node
+            mapped["MASTER_ADDR"] = _first_slurm_host(nodelist)
+    elif slurm:
         launcher = "slurm"
         mapped = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
                   "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
@@ -74,15 +91,9 @@ def discover(env: dict[str, str] | None = None) -> tuple[dict[str, str], str]:
             mapped["MASTER_ADDR"] = _first_slurm_host(nodelist)
         if "MASTER_PORT" not in env:
             mapped["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
-    elif "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env or "PMIX_RANK" in env:
-        launcher = "mpi"
-        rank = env.get("OMPI_COMM_WORLD_RANK") or env.get("PMI_RANK") or env.get("PMIX_RANK")
-        size = env.get("OMPI_COMM_WORLD_SIZE") or env.get("PMI_SIZE")
-        if size is None:
-            raise DistInitError("under MPI but the world size is not in the environment (OMPI_COMM_WORLD_SIZE / "
-                               "PMI_SIZE); launch with mpirun -np N")
-        mapped = {"RANK": rank, "WORLD_SIZE": size,
-                  "LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK") or env.get("MPI_LOCALRANKID", "0")}
+    elif "PMIX_RANK" in env:
+        raise DistInitError("under PMIx (PMIX_RANK) but no world size in the environment: launch with mpirun -np N, "
+                           "srun, or torchrun")
     else:
         launcher = "single"
         mapped = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
@@ -125,12 +136,27 @@ def _loopback_store(mapped: dict[str, str], timeout: datetime.timedelta):
     return torch.distributed.PrefixStore("default_pg", store)
 
 
+def cuda_device(local_rank: int, visible: int, launcher: str, env: dict[str, str] | None = None) -> torch.device:
+    """The GPU of this rank: cuda:LOCAL_RANK, or cuda:0 where srun binds one GPU to each task (--gpus-per-task=1,
+    --gpu-bind), which leaves each task seeing one device. More ranks on a node than GPUs is one line."""
+    env = os.environ if env is None else env
+    if local_rank < visible:
+        return torch.device("cuda", local_rank)
+    if visible == 1 and launcher == "slurm":
+        return torch.device("cuda", 0)
+    shown = env.get("CUDA_VISIBLE_DEVICES")
+    raise DistInitError(f"local rank {local_rank} needs GPU {local_rank} but this process sees {visible} GPU(s)"
+                       f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}: start at most {visible} "
+                       f"rank(s) per node (NPROC / --nproc / --ntasks-per-node), or bind one GPU per task with srun "
+                       f"--gpus-per-task=1")
+
+
 def init_distributed(timeout_s: int = 300) -> DistInfo:
     mapped, launcher = discover()
     os.environ.update(mapped)
     local_rank = int(mapped["LOCAL_RANK"])
     if torch.cuda.is_available():
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        device, backend = cuda_device(local_rank, torch.cuda.device_count(), launcher), "nccl"
         torch.cuda.set_device(device)
     else:
         device, backend = torch.device("cpu"), "gloo"

@@ -168,18 +168,45 @@ class Evaluator:
             tokens_total += float(valid.sum()) * batch.weight
             np.add.at(bucket_tokens, bucket, lengths * batch.weight)
             np.add.at(bucket_chunks, bucket, (lengths > 0) * batch.weight)
-        flat = torch.tensor([tokens_total, *sums.values(), *bucket_tokens, *bucket_chunks,
-                             *np.concatenate([bucket_loss[m] for m in modes])], dtype=torch.float64)
+        totals = Totals(tokens_total, sums, bucket_tokens, bucket_chunks, bucket_loss)
         if all_reduce is not None:
-            all_reduce(flat)
-        return summarize(flat.tolist(), modes, nb)
+            totals = totals.all_reduced(all_reduce, torch.device(device))
+        return summarize(totals)
 
 
-def summarize(flat: list[float], modes: tuple[str, ...], nb: int) -> dict[str, Any]:
-    tokens, rest = flat[0], flat[1:]
-    totals, rest = dict(zip(modes, rest[: len(modes)])), rest[len(modes):]
-    bucket_tokens, bucket_chunks, rest = rest[:nb], rest[nb: 2 * nb], rest[2 * nb:]
-    bucket_loss = {m: rest[i * nb:(i + 1) * nb] for i, m in enumerate(modes)}
+@dataclass(frozen=True)
+class Totals:
+    """One rank's (or, summed, every rank's) token-weighted sums: what an evaluation reduces across ranks."""
+
+    tokens: float
+    loss: dict[str, float]  # summed token loss per mode
+    bucket_tokens: np.ndarray  # [buckets]
+    bucket_chunks: np.ndarray  # [buckets]
+    bucket_loss: dict[str, np.ndarray]  # mode -> [buckets]
+
+    def flat(self) -> np.ndarray:
+        modes = list(self.loss)
+        return np.concatenate([[self.tokens], [self.loss[m] for m in modes], self.bucket_tokens, self.bucket_chunks,
+                               *[self.bucket_loss[m] for m in modes]]).astype(np.float64)
+
+    @classmethod
+    def from_flat(cls, flat: np.ndarray, modes: tuple[str, ...], buckets: int) -> "Totals":
+        nm, nb = len(modes), buckets
+        rest = flat[1 + nm:]
+        return cls(float(flat[0]), {m: float(v) for m, v in zip(modes, flat[1:1 + nm])}, rest[:nb], rest[nb:2 * nb],
+                   {m: rest[(2 + i) * nb:(3 + i) * nb] for i, m in enumerate(modes)})
+
+    def all_reduced(self, all_reduce: Callable[[torch.Tensor], None], device: torch.device) -> "Totals":
+        """Summed over ranks in one collective, on the rank's device (NCCL takes no host tensor)."""
+        t = torch.from_numpy(self.flat()).to(device=device, copy=True)
+        all_reduce(t)
+        return Totals.from_flat(t.cpu().numpy(), tuple(self.loss), len(self.bucket_tokens))
+
+
+def summarize(t: Totals) -> dict[str, Any]:
+    modes, nb = tuple(t.loss), len(t.bucket_tokens)
+    tokens, totals, bucket_tokens, bucket_chunks, bucket_loss = (t.tokens, t.loss, t.bucket_tokens, t.bucket_chunks,
+                                                                 t.bucket_loss)
     if tokens == 0:
         raise DatasetError("nothing to evaluate: every label is padding")
     loss = {m: totals[m] / tokens for m in modes}

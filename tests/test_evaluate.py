@@ -71,8 +71,8 @@ def test_world_size_and_batch_size_do_not_change_the_figures(dataset):
         p.run(model, all_reduce=lambda t: captured.setdefault("t", t.clone()))
         sums.append(captured["t"])
     total = torch.stack(sums).sum(0)
-    from retro_dist.evaluate import MODES, summarize
-    merged = summarize(total.tolist(), MODES, len(BUCKET_EDGES) - 1)
+    from retro_dist.evaluate import MODES, Totals, summarize
+    merged = summarize(Totals.from_flat(total.numpy(), MODES, len(BUCKET_EDGES) - 1))
     assert merged["tokens"] == whole["tokens"]
     for mode in MODES:
         assert merged["loss"][mode] == pytest.approx(whole["loss"][mode], rel=1e-6)

@@ -12,6 +12,8 @@ import json
 import shutil
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +60,18 @@ def read_meta(checkpoints: Path, tag: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    tag: str
+    universal: bool  # saved by another world size: loaded through DeepSpeed's universal checkpoint
+    made: tuple[Path, ...] = ()  # what the universal conversion added: removed again if the resume is refused
+
+
 class Checkpointer:
-    def __init__(self, engine, run_dir: Path, *, keep: int):
+    """Saves and resumes the engine (attached once built: `checkpointer.engine = engine`); owns which checkpoint a
+    run resumes from, the universal conversion a world-size change needs, and its cleanup when a resume is refused."""
+
+    def __init__(self, run_dir: Path, *, keep: int, engine=None):
         self.engine, self.dir, self.keep = engine, Path(run_dir) / "checkpoints", keep
         self.rank = dist.get_rank() if dist.is_initialized() else 0
 
@@ -75,6 +87,59 @@ class Checkpointer:
             self._prune(keep_tag=tag)
         dist.barrier()
         return tag
+
+    def target(self, mode: str) -> str | None:
+        """The tag `checkpoint.resume` names: none, the newest whole one (auto), or a given tag that must be whole."""
+        if mode == "none":
+            return None
+        if mode == "auto":
+            return newest_whole(self.dir) if self.dir.is_dir() else None
+        read_meta(self.dir, mode)
+        return mode
+
+    def prepare_resume(self, mode: str, world_size: int, *, timeout_s: float) -> ResumePoint | None:
+        """Where this run resumes, before the engine exists (the engine's config depends on it). A checkpoint saved by
+        another world size is converted to DeepSpeed's universal format by rank 0 while the other ranks wait on the
+        file system, not in a collective: a collective would hit the process group's timeout (and NCCL's watchdog
+        would kill every rank) on a large model, whose conversion takes longer."""
+        tag = self.target(mode)
+        if tag is None:
+            return None
+        meta = read_meta(self.dir, tag)
+        if meta["world_size"] == world_size:
+            return ResumePoint(tag, universal=False)
+        out, failed = self.dir / f"{tag}_universal", self.dir / f"{tag}_universal.failed"
+        made: tuple[Path, ...] = ()
+        if not (out / META).is_file():  # DeepSpeed's converter also writes its `latest_universal` pointer
+            made = tuple(p for p in (out, out.with_name("latest_universal")) if not p.exists())
+        if self.rank == 0:
+            failed.unlink(missing_ok=True)
+        dist.barrier()  # no rank reads a failure mark left by an earlier attempt
+        if self.rank == 0:
+            print(f"resuming {tag} (saved by {meta['world_size']} ranks) on {world_size} ranks through DeepSpeed's "
+                  f"universal checkpoint", flush=True)
+            try:
+                convert_to_universal(self.dir, tag, zero_stage=meta["zero_stage"])
+            except ValueError as e:
+                remove_paths(made)
+                write_text_atomic(failed, str(e))
+                raise
+        else:
+            budget = timeout_s + directory_bytes(self.dir / tag) / CONVERT_BYTES_PER_S
+            wait_for_conversion(out / META, failed, budget)
+        dist.barrier()
+        return ResumePoint(tag, universal=True, made=made)
+
+    def resume(self, point: ResumePoint, restore) -> None:
+        """Load `point` into the engine and hand its client state to `restore`; a refusal (another model shape,
+        another dataset) removes what the universal conversion added and leaves the run as it was."""
+        try:
+            restore(self.load(point.tag, universal=point.universal))
+        except ValueError:  # every rank refuses here alike
+            dist.barrier()  # no rank still reads the universal copy
+            if self.rank == 0:
+                remove_paths(list(point.made))
+            raise
 
     def load(self, tag: str, *, universal: bool = False) -> dict[str, Any]:
         load_tag = f"{tag}_universal" if universal else tag
@@ -98,6 +163,35 @@ class Checkpointer:
             if path.name != keep_tag:
                 shutil.rmtree(path, ignore_errors=True)
                 shutil.rmtree(path.with_name(path.name + "_universal"), ignore_errors=True)
+
+
+# a pessimistic conversion rate (DeepSpeed's converter with one extract and one merge worker reads every shard, then
+# writes one file per parameter): the other ranks wait this long per byte of checkpoint, on top of the group timeout
+CONVERT_BYTES_PER_S = 20e6
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def wait_for_conversion(done: Path, failed: Path, budget_s: float) -> None:
+    """Poll for rank 0's conversion: its completion mark, or the one line it failed with."""
+    deadline = time.monotonic() + budget_s
+    while not done.is_file():
+        if failed.is_file():
+            raise ValueError(failed.read_text().strip())
+        if time.monotonic() > deadline:
+            raise ValueError(f"rank 0 did not finish converting to {done.parent} within {budget_s:.0f}s: look at "
+                             f"rank 0's output; raise train.dist_timeout_s if the checkpoint is very large")
+        time.sleep(1.0)
+
+
+def remove_paths(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def convert_to_universal(checkpoints: Path, tag: str, *, zero_stage: int) -> None:

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from retro_dist.config import RunConfig
 
 # the package's copy of the top-level ds_configs/ (a symlink in a checkout, real files in the wheel): found the same
@@ -52,17 +50,6 @@ def batch_plan(global_batch: int, micro_batch: int, world_size: int, streams: in
     streams = streams or default_streams(global_batch, world_size)
     check_streams(global_batch, streams, world_size, micro_batch)
     return BatchPlan(micro_batch, global_batch // per_step, world_size, streams)
-
-
-def resolve_precision(precision: str, device_type: str) -> str:
-    if precision != "auto":
-        if precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("train.precision=bf16 but this GPU has no bf16: use fp16 or fp32")
-        return precision
-    if device_type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    capability = torch.backends.cpu.get_cpu_capability()
-    return "bf16" if "AVX512" in capability or "AMX" in capability else "fp32"
 
 
 def engine_settings(run: RunConfig) -> dict[str, Any]:

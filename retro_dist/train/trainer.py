@@ -1,5 +1,8 @@
 """The training loop around a DeepSpeed engine: accumulation, LR schedule, validation, metrics, checkpoints,
-preemption."""
+preemption. `Trainer.train` is torchtitan's loop: `train_step`, then log, validate, checkpoint or stop.
+
+On a GPU every host synchronisation stalls the queue of kernels: the loop keeps the loss on the device, reads it back
+once per logging window (with the window's timings), and votes on a stop signal every few steps (`vote_every`)."""
 
 from __future__ import annotations
 
@@ -14,16 +17,19 @@ import torch
 import torch.distributed as dist
 
 from retro_dist.config import RunConfig
-from retro_dist.data.loader import RetroLoader
 from retro_dist.evaluate import Evaluator
-from retro_dist.model import RETRO
+from retro_dist.model import RetroConfig
 from retro_dist.model.dropout import sample_keyed
 
-from .checkpoint import Checkpointer
 from .ds_config import BatchPlan
 from .metrics import Metrics, console_line, model_flops_per_sample, peak_memory_gb
+from .timing import StepTimer, StepTimes
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted or out of time, checkpoint saved; launch/slurm requeues on it
+# seconds of training between two stop votes on a GPU: SLURM sends SIGKILL KillWait (default 30 s) after SIGTERM, and
+# the checkpoint that follows the vote must fit in what is left
+VOTE_WINDOW_S = 5.0
+MAX_VOTE_EVERY = 50
 
 
 def ask_launcher_to_requeue() -> None:
@@ -43,6 +49,14 @@ def lr_at(step: int, run: RunConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def votes_every(step_s: float, *, asynchronous: bool) -> int:
+    """Steps between two stop votes: every step where the host waits for the device anyway (CPU), else as many steps
+    as fit in VOTE_WINDOW_S. Computed from an all-reduced step time, so every rank agrees."""
+    if not asynchronous or step_s <= 0:
+        return 1
+    return max(1, min(MAX_VOTE_EVERY, int(VOTE_WINDOW_S / step_s)))
+
+
 class StopFlag:
     """Set by SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption); checked between steps."""
 
@@ -56,26 +70,25 @@ class StopFlag:
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, engine, model: RETRO, plan: BatchPlan, *, device: torch.device,
-                 precision: str, peak_flops: float, dataset_fingerprint: str):
-        self.run, self.engine, self.model, self.plan, self.device = run, engine, model, plan, device
+    def __init__(self, run: RunConfig, engine, plan: BatchPlan, *, loader, checkpointer, config: RetroConfig,
+                 device: torch.device, precision: str, peak_flops: float, dataset_fingerprint: str):
+        self.run, self.engine, self.plan, self.device = run, engine, plan, device
+        self.loader, self.checkpointer = loader, checkpointer
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.run_dir = Path(run.run_dir)
         self.precision, self.peak_flops, self.fingerprint = precision, peak_flops, dataset_fingerprint
-        d = run.data
-        self.loader = RetroLoader(d.dataset, "train", batch_size=d.micro_batch, num_workers=d.num_workers,
-                                  seed=run.train.seed, num_neighbors=d.num_neighbors, retrieval=d.retrieval,
-                                  on_bad_sample=d.on_bad_sample, shard_urls=d.shard_urls,
-                                  global_batch=plan.global_batch, streams=plan.streams)
-        self.checkpointer = Checkpointer(engine, self.run_dir, keep=run.checkpoint.keep)
         self.metrics = Metrics(self.run_dir, enabled=run.logging.tensorboard and self.rank == 0)
         self.step = 0
-        manifest = self.loader.manifest
-        self.seq_len = manifest["seq_len"]
-        self.flops_per_sample = model_flops_per_sample(model.config, self.seq_len, self.loader.num_neighbors,
-                                                       retrieval=d.retrieval)
+        self.seq_len = loader.manifest["seq_len"]
+        self.flops_per_sample = model_flops_per_sample(config, self.seq_len, loader.num_neighbors,
+                                                       retrieval=run.data.retrieval)
         self.stop = StopFlag()
         self.evaluator: Evaluator | None = None
+        self.asynchronous = device.type == "cuda"
+        self.vote_every = 1  # until the first logging window has measured a step
+        self.timer = StepTimer(device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.skipped_at_log = loader.skipped
 
     # state -------------------------------------------------------------------------------------------------------
 
@@ -90,92 +103,115 @@ class Trainer:
                              f"with the same data.dataset or start a new run directory")
         self.step = client_state["step"]
         self.loader.load_state_dict(client_state["loader"])
+        self.skipped_at_log = self.loader.skipped
 
     # the loop ------------------------------------------------------------------------------------------------------
 
     def train(self) -> int:
         """Train to train.steps; returns the process exit code (REQUEUE_EXIT_CODE after a preemption save)."""
-        run, batches = self.run, self.loader.forever()
-        window: dict[str, float] = {"data": 0.0, "fwd_bwd": 0.0, "opt": 0.0, "loss": 0.0, "n": 0, "start": time.perf_counter()}
-        skipped_before = self.loader.skipped
-        train_start, start_step = time.perf_counter(), self.step
-        while self.step < run.train.steps:
-            lr = lr_at(self.step, run)
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = lr
-            for _ in range(self.plan.accumulation):
-                t0 = time.perf_counter()
-                batch = next(batches)
-                t1 = time.perf_counter()
-                tokens = batch["tokens"].to(self.device, non_blocking=True)
-                retrieved = batch["retrieved"]
-                retrieved = retrieved.to(self.device, non_blocking=True) if retrieved is not None else None
-                # dropout masks by (seed, step, position in the global batch): the same at any world size, and
-                # drawn again alike by activation checkpointing's recompute inside backward
-                with sample_keyed(run.train.seed, self.step, batch["position"]):
-                    loss = self.engine(tokens, retrieved, return_loss=True)
-                    self.engine.backward(loss)
-                t2 = time.perf_counter()
-                self.engine.step()
-                t3 = time.perf_counter()
-                window["data"] += t1 - t0
-                window["fwd_bwd"] += t2 - t1
-                window["opt"] += t3 - t2
-                window["loss"] += loss.item() / self.plan.accumulation
+        batches, steps, logging = self.loader.forever(), self.run.train.steps, self.run.logging
+        self.timer.reset()
+        while self.step < steps:
+            lr = self.set_lr()
+            self.train_step(batches)
             self.step += 1
-            window["n"] += 1
-            if self.step % run.logging.every == 0 or self.step == run.train.steps:
-                self._log(window, lr, skipped_before, train_start, start_step)
-                window = {k: 0.0 for k in window} | {"start": time.perf_counter()}
-            if run.logging.val_every and (self.step % run.logging.val_every == 0 or self.step == run.train.steps):
+            last = self.step == steps
+            if self.step % logging.every == 0 or last:
+                self.log(lr)
+            if logging.val_every and (self.step % logging.val_every == 0 or last):
                 self.validate()
-            preempted = self._agree_on_stop()
-            if preempted or self.step % run.checkpoint.every == 0 or self.step == run.train.steps:
-                tag = self.checkpointer.save(self.step, self.client_state())
-                if self.rank == 0:
-                    print(f"saved checkpoint {self.run_dir / 'checkpoints' / tag}", flush=True)
-            if preempted:
-                if self.rank == 0:
-                    print(f"stopping at step {self.step} on signal {self.stop.signal or 'from another rank'}: "
-                          f"checkpoint saved, exit code {REQUEUE_EXIT_CODE} asks the launcher to requeue", flush=True)
-                    ask_launcher_to_requeue()
-                return REQUEUE_EXIT_CODE
+            code = self.checkpoint_or_stop()
+            if code is not None:
+                return code
         return 0
 
+    def set_lr(self) -> float:
+        lr = lr_at(self.step, self.run)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_step(self, batches) -> None:
+        """One optimizer step over `plan.accumulation` micro-batches. Batches were range-checked on the host when
+        their shards were read (retro_dist.data.shards), so the copies run ahead without a synchronisation."""
+        for _ in range(self.plan.accumulation):
+            wait = time.perf_counter()
+            batch = next(batches)
+            self.timer.add_data(time.perf_counter() - wait)
+            tokens = batch["tokens"].to(self.device, non_blocking=True)
+            retrieved = batch["retrieved"]
+            retrieved = retrieved.to(self.device, non_blocking=True) if retrieved is not None else None
+            start = self.timer.now()
+            # dropout masks by (seed, step, position in the global batch): the same at any world size, and drawn
+            # again alike by activation checkpointing's recompute inside backward
+            with sample_keyed(self.run.train.seed, self.step, batch["position"]):
+                loss = self.engine(tokens, retrieved, return_loss=True)
+                self.engine.backward(loss)
+            middle = self.timer.now()
+            self.engine.step()
+            self.timer.add("fwd_bwd", start, middle)
+            self.timer.add("optimizer", middle, self.timer.now())
+            self.loss_sum += loss.detach().double() / self.plan.accumulation
+        self.timer.steps += 1
+
+    def checkpoint_or_stop(self) -> int | None:
+        """Save on schedule, at the end, or when any rank got a stop signal; the exit code when stopping."""
+        steps = self.run.train.steps
+        scheduled = self.step % self.run.checkpoint.every == 0 or self.step == steps
+        preempted = (scheduled or self.step % self.vote_every == 0) and self._agree_on_stop()
+        if scheduled or preempted:
+            tag = self.checkpointer.save(self.step, self.client_state())
+            if self.rank == 0:
+                print(f"saved checkpoint {self.run_dir / 'checkpoints' / tag}", flush=True)
+        if not preempted:
+            return None
+        if self.rank == 0:
+            print(f"stopping at step {self.step} on signal {self.stop.signal or 'from another rank'}: checkpoint "
+                  f"saved, exit code {REQUEUE_EXIT_CODE} asks the launcher to requeue", flush=True)
+            ask_launcher_to_requeue()
+        return REQUEUE_EXIT_CODE
+
     def _agree_on_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop.signal is not None else 0.0])
+        flag = torch.tensor([1.0 if self.stop.signal is not None else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def _mean(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+    def _sum(self, values: list[torch.Tensor | float]) -> list[float]:
+        """Values summed over ranks, in one collective on the rank's device and one read back."""
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
         dist.all_reduce(t)
-        return (t / self.world).tolist()
+        return t.tolist()
 
-    def _log(self, w: dict[str, float], lr: float, skipped_before: int, train_start: float, start_step: int) -> None:
-        loss, = self._mean([w["loss"] / max(1, w["n"])])
-        skipped = torch.tensor([float(self.loader.skipped - skipped_before)])
-        dist.all_reduce(skipped)
-        elapsed = time.perf_counter() - w["start"]
-        samples = w["n"] * self.plan.global_batch
-        flops = samples * self.flops_per_sample / max(elapsed, 1e-9)
+    def log(self, lr: float) -> None:
+        times = self.timer.read()
+        loss_sum, skipped, step_s = self._sum([self.loss_sum, float(self.loader.skipped - self.skipped_at_log),
+                                              times.step])
+        self.loss_sum.zero_()
+        self.skipped_at_log = self.loader.skipped
+        self.vote_every = votes_every(step_s / self.world, asynchronous=self.asynchronous)
+        values = self.scalars(lr, loss_sum / self.world / max(1, times.steps), skipped, times)
+        if self.rank == 0:
+            eta = (self.run.train.steps - self.step) * times.step
+            print(console_line(self.step, self.run.train.steps, values, eta), flush=True)
+            self.metrics.scalars(self.step, values)
+        self.timer.reset()
+
+    def scalars(self, lr: float, loss: float, skipped: float, t: StepTimes) -> dict[str, float]:
+        samples = t.steps * self.plan.global_batch
+        flops = samples * self.flops_per_sample / max(t.wall, 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
         values = {
             "train/loss": loss, "train/lr": lr,
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "perf/tokens_per_s": samples * self.seq_len / elapsed, "perf/samples_per_s": samples / elapsed,
+            "perf/tokens_per_s": samples * self.seq_len / t.wall, "perf/samples_per_s": samples / t.wall,
             "perf/tflops": flops / 1e12, "perf/mfu": flops / (self.peak_flops * self.world),
-            "time/step_s": elapsed / w["n"], "time/data_s": w["data"] / w["n"],
-            "time/fwd_bwd_s": w["fwd_bwd"] / w["n"], "time/optimizer_s": w["opt"] / w["n"],
-            "memory/peak_gb": peak_memory_gb(self.device), "data/skipped_samples": float(skipped.item()),
+            "time/step_s": t.step, "time/data_s": t.data, "time/fwd_bwd_s": t.fwd_bwd,
+            "time/optimizer_s": t.optimizer, "memory/peak_gb": peak_memory_gb(self.device),
+            "data/skipped_samples": skipped,
         }
         if self.precision == "fp16":
             values["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
-        if self.rank == 0:
-            rate = (self.step - start_step) / max(time.perf_counter() - train_start, 1e-9)
-            print(console_line(self.step, self.run.train.steps, values, (self.run.train.steps - self.step) / max(rate, 1e-9)),
-                  flush=True)
-            self.metrics.scalars(self.step, values)
+        return values
 
     def validate(self) -> dict[str, float]:
         """Token-weighted val loss and perplexity with true neighbors, random neighbors and retrieval off, on the
@@ -205,3 +241,4 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+
