@@ -32,7 +32,12 @@ def _norm_names(config: RetroConfig) -> dict[str, str]:
 
 
 def from_retro_pytorch(state: dict[str, Tensor], config: RetroConfig) -> dict[str, Tensor]:
-    """RETRO-pytorch `RETRO.state_dict()` -> a state dict for `retro_dist.RETRO(config)`."""
+    """RETRO-pytorch `RETRO.state_dict()` -> a state dict for `retro_dist.RETRO(config)`; `config` must run
+    RETRO-pytorch's positions (`config_from_retro_pytorch(kwargs)` or `infer_config(state)` gives it)."""
+    if config.cca_positions != "retro-pytorch":
+        raise ValueError(f"the config uses cca_positions={config.cca_positions!r}, but RETRO-pytorch's weights were "
+                         f"trained with its own shifted positions and would give other logits: build the config with "
+                         f"retro_dist.convert.config_from_retro_pytorch(kwargs) (or infer_config(state_dict))")
     norms = _norm_names(config)
     out: dict[str, Tensor] = {}
     pending: dict[str, dict[str, Tensor]] = {}  # fused projections waiting for their parts

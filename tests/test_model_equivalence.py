@@ -131,6 +131,19 @@ def test_aligned_positions_do_not_convert_to_retro_pytorch():
         to_retro_pytorch(model.state_dict(), model.config)
 
 
+def test_from_retro_pytorch_refuses_aligned_positions(retro_pytorch):
+    """RetroConfig(**kwargs) takes the aligned positions by default, where RETRO-pytorch's weights give other
+    logits (1.4e-2 relative): the conversion refuses it and names the config that runs what they were trained with."""
+    ref = retro_pytorch.RETRO(**BASE)
+    seq, retrieved = make_inputs()
+    with torch.no_grad():
+        aligned = RETRO(RetroConfig(**BASE))
+        aligned.load_state_dict(from_retro_pytorch(ref.state_dict(), RetroConfig(**BASE, cca_positions="retro-pytorch")))
+        assert rel_err(aligned(seq[:, :-1], retrieved), ref(seq[:, :-1], retrieved)) > 1e-3  # what it would give
+    with pytest.raises(ValueError, match=r"cca_positions='aligned'.*config_from_retro_pytorch"):
+        from_retro_pytorch(ref.state_dict(), RetroConfig(**BASE))
+
+
 def test_config_from_kwargs_keeps_what_ran(retro_pytorch):
     with pytest.warns(UserWarning, match="ignores heads=4"):
         config = config_from_retro_pytorch({**BASE, "heads": 4, "dec_cross_attn_layers": (1, 3, 9)})
