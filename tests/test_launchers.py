@@ -162,6 +162,10 @@ def slurm(tmp_path_factory):
         yield cluster_env
 
 
+# the test cluster has no GPUs and 2 CPUs per node: the sbatch scripts ask for 8 GPUs and 8 CPUs per task by default
+CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1"]
+
+
 def _job_done(job: str, cluster_env: dict) -> bool:
     out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=cluster_env, capture_output=True, text=True)
     return out.stdout.strip() in ("", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
@@ -169,8 +173,9 @@ def _job_done(job: str, cluster_env: dict) -> bool:
 
 def test_slurm_two_nodes(dataset, local_losses, slurm, tmp_path):
     out = tmp_path / "job.out"
-    result = subprocess.run(["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", "--time=10", f"--output={out}",
-                             str(ROOT / "launch" / "slurm" / "train.sbatch"), *run_args(dataset, tmp_path / "run")],
+    result = subprocess.run(["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", *CPU_JOB, "--time=10",
+                             f"--output={out}", str(ROOT / "launch" / "slurm" / "train.sbatch"),
+                             *run_args(dataset, tmp_path / "run")],
                             env={**slurm, **env(), "SLURM_CONF": slurm["SLURM_CONF"]}, capture_output=True, text=True,
                             timeout=300, cwd=ROOT)
     log = out.read_text() if out.exists() else ""
@@ -218,8 +223,8 @@ def test_slurm_signal_checkpoints_requeues_and_resumes(dataset, uninterrupted_lo
     run_dir = tmp_path / ("slurm per node" if tasks == "per-node" else "run")
 
     def submit(nodes: int, output: Path) -> str:
-        submitted = subprocess.run(["sbatch", "--parsable", f"--nodes={nodes}", "--ntasks-per-node=1", "--time=10",
-                                    f"--output={output}", str(ROOT / "launch" / "slurm" / "train.sbatch"),
+        submitted = subprocess.run(["sbatch", "--parsable", f"--nodes={nodes}", "--ntasks-per-node=1", *CPU_JOB,
+                                    "--time=10", f"--output={output}", str(ROOT / "launch" / "slurm" / "train.sbatch"),
                                     *resume_args(dataset, run_dir)],
                                    env=cluster_env, capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert submitted.returncode == 0, submitted.stderr
@@ -273,7 +278,7 @@ def test_slurm_prepare_job_equals_one_process(slurm, tmp_path):
     corpus = write_corpus(tmp_path / "corpus", stdlib_docstrings(120))
     assert prepare(["--input", str(corpus), "--out", str(tmp_path / "single"), *OPTS]) == 0
     out = tmp_path / "job.out"
-    result = subprocess.run(["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
+    result = subprocess.run(["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", *CPU_JOB, "--time=10",
                              f"--output={out}", str(ROOT / "launch" / "slurm" / "prepare.sbatch"), "--input",
                              str(corpus), "--out", str(tmp_path / "slurm"), *OPTS],
                             env={**slurm, **env(), "SLURM_CONF": slurm["SLURM_CONF"]}, capture_output=True, text=True,
