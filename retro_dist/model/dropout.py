@@ -36,11 +36,16 @@ class DropoutKeys:
 _keys: DropoutKeys | None = None
 
 
+def _ints(positions: Tensor | list[int]) -> tuple[int, ...]:
+    # one read of a host tensor, not one per element
+    return tuple(positions.tolist() if isinstance(positions, Tensor) else map(int, positions))
+
+
 @contextmanager
 def sample_keyed(seed: int, step: int, positions: Tensor | list[int]) -> Iterator[None]:
     """Within this block, every KeyedDropout draws sample i's mask from (seed, step, positions[i], site)."""
     global _keys
-    previous, _keys = _keys, DropoutKeys(seed, step, tuple(int(p) for p in positions))
+    previous, _keys = _keys, DropoutKeys(seed, step, _ints(positions))
     try:
         yield
     finally:
