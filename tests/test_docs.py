@@ -289,8 +289,8 @@ def test_checker_finds_broken_links_and_unknown_options(tmp_path: Path, monkeypa
         "[ok](other.md#real-section) [bad file](missing.md) [bad anchor](other.md#no-such) [self](#page)\n"
         "`[not a link](missing.md)`\n\n"
         "```bash\n"
-        "retro-dist eval --model m --dataset d --max-samples 4 --no-such-flag\n"
         "launch/local.sh --config c.yaml --train.global_batch=8 --train.no_such_key=1 --run_dir=r\n"
+        "retro-dist eval --model m --dataset d --max-samples 4 --no-such-flag\n"
         "```\n\n"
         "| option | default |\n|---|---|\n| `--batch-size` | 4 |\n| `--made-up` | 0 |\n\n"
         "Keys: `optim.lr`, `optim.nope`, `model.arch.dec_depth`, `model.arch.num_tokens`, `model.safetensors`.\n")
