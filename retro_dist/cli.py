@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from retro_dist.device import CHOICES, resolve_device
+
 
 def _convert(args: argparse.Namespace) -> None:
     import torch
@@ -87,7 +89,8 @@ def _export(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from retro_dist.evaluate import evaluate_model, format_report
     r = evaluate_model(args.model, args.dataset, split=args.split, batch_size=args.batch_size,
-                       max_samples=args.max_samples, num_neighbors=args.neighbors, seed=args.seed)
+                       max_samples=args.max_samples, num_neighbors=args.neighbors, seed=args.seed,
+                       device=resolve_device(args.device))
     print(json.dumps(r, indent=2) if args.json else format_report(r))
 
 
@@ -96,7 +99,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens)
-    model, retriever = load_for_generation(args.model, args.dataset, num_neighbors=args.neighbors)
+    model, retriever = load_for_generation(args.model, args.dataset, num_neighbors=args.neighbors,
+                                           device=resolve_device(args.device))
     prompt = retriever.tokenizer.encode(args.prompt, add_special_tokens=False).ids
     out = generate(model, retriever, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -145,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--neighbors", type=int, default=None, help="neighbors per chunk (default: the dataset's)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the random-neighbor draw")
     evaluate.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    evaluate.add_argument("--device", default="auto", help=f"where the model runs: {CHOICES} (auto: a GPU if any)")
     evaluate.set_defaults(run=_eval)
 
     gen = sub.add_parser("generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -158,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 means no filter")
     gen.add_argument("--neighbors", type=int, default=None, help="neighbors per chunk (default: the dataset's)")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="auto", help=f"where the model runs: {CHOICES} (auto: a GPU if any)")
     gen.set_defaults(run=_generate)
 
     nb = sub.add_parser("neighbors", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

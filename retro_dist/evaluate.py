@@ -258,8 +258,9 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def evaluate_model(model_dir: str, dataset: str, *, split: str = "val", batch_size: int = 4, max_samples: int = 0,
-                   num_neighbors: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """`retro-dist eval`: an exported model over a split, on this process."""
+                   num_neighbors: int | None = None, seed: int = 0,
+                   device: torch.device | str = "cpu") -> dict[str, Any]:
+    """`retro-dist eval`: an exported model over a split, on this process and `device` (fp32 weights)."""
     from retro_dist.compat import check_model_fits_dataset
     from retro_dist.model import RETRO
 
@@ -267,4 +268,4 @@ def evaluate_model(model_dir: str, dataset: str, *, split: str = "val", batch_si
     check_model_fits_dataset(model_dir, model.config, dataset, load_manifest(dataset))
     evaluator = Evaluator(dataset, split, batch_size=batch_size, max_samples=max_samples,
                           num_neighbors=num_neighbors, seed=seed)
-    return evaluator.run(model) | {"split": split, "samples": evaluator.num_samples}
+    return evaluator.run(model.to(device), device=device) | {"split": split, "samples": evaluator.num_samples}

@@ -57,14 +57,15 @@ class Generation:
     neighbor_ids: list[np.ndarray] = field(default_factory=list)  # per completed chunk
 
 
-def load_for_generation(model_dir: str | Path, dataset: str | Path, *,
-                        num_neighbors: int | None = None) -> tuple[RETRO, Retriever]:
-    """An exported model (fp32, eval mode) and a retriever over the dataset it was trained on, checked to match."""
+def load_for_generation(model_dir: str | Path, dataset: str | Path, *, num_neighbors: int | None = None,
+                        device: torch.device | str = "cpu") -> tuple[RETRO, Retriever]:
+    """An exported model (fp32, eval mode, on `device`) and a retriever over the dataset it was trained on, checked
+    to match."""
     from retro_dist.compat import check_model_fits_dataset
 
     model = RETRO.from_pretrained(model_dir).float().eval()
     check_model_fits_dataset(model_dir, model.config, dataset, load_manifest(dataset))
-    return model, Retriever(dataset, num_neighbors=num_neighbors)
+    return model.to(device), Retriever(dataset, num_neighbors=num_neighbors)
 
 
 def check_sampling(*, temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
@@ -106,6 +107,7 @@ def generate(model: RETRO, retriever: Retriever, prompt: list[int], *, max_new_t
         raise ValueError(f"the prompt has {len(prompt)} tokens, more than max_seq_len={c.max_seq_len}")
     total = min(c.max_seq_len, len(prompt) + max_new_tokens)
     model.eval()
+    device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     out = Generation(tokens=list(prompt), prompt_length=len(prompt))
     neighbors: list[np.ndarray] = []
@@ -119,19 +121,19 @@ def generate(model: RETRO, retriever: Retriever, prompt: list[int], *, max_new_t
             neighbors.append(tokens)
             out.neighbor_ids.append(ids)
         if cache is not None:
-            logits = model.decode_step(torch.tensor([token]), cache,
-                                       torch.from_numpy(neighbors[-1])[None] if chunk_done else None)[0]
+            logits = model.decode_step(torch.tensor([token], device=device), cache,
+                                       torch.from_numpy(neighbors[-1])[None].to(device) if chunk_done else None)[0]
         else:
-            seq = torch.tensor([out.tokens[: position + 1]])
-            retrieved = (torch.from_numpy(np.stack(neighbors))[None] if neighbors else
-                         torch.zeros((1, 0, retriever.k, 2 * c.chunk_size), dtype=torch.long))
+            seq = torch.tensor([out.tokens[: position + 1]], device=device)
+            retrieved = (torch.from_numpy(np.stack(neighbors))[None].to(device) if neighbors else
+                         torch.zeros((1, 0, retriever.k, 2 * c.chunk_size), dtype=torch.long, device=device))
             logits = model(seq, retrieved)[0, -1]
         position += 1
         if position < len(out.tokens):
             continue  # still reading the prompt
         if len(out.tokens) >= total:
             break
-        out.tokens.append(_sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator))
+        out.tokens.append(_sample(logits.cpu(), temperature=temperature, top_k=top_k, top_p=top_p, generator=generator))
     return out
 
 

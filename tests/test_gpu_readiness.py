@@ -224,3 +224,25 @@ def test_the_loop_syncs_the_host_only_on_logging_steps_on_a_gpu(one_rank_group, 
     # after the first logging window has measured a step, the stop vote waits for steps that sync anyway
     assert set(steps_with_syncs) - set(range(0, 11)) <= logging_steps, steps_with_syncs
     assert saved == [30]
+
+
+# --device for the one-process commands ---------------------------------------------------------------------------
+
+def test_device_option_is_checked():
+    from retro_dist.device import resolve_device
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="use auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match="GPU"):
+        resolve_device(f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_eval_and_generate_take_a_device(command, tmp_path, capsys):
+    from retro_dist.cli import main
+    extra = ["--prompt", "x"] if command == "generate" else []
+    code = main([command, "--model", str(tmp_path / "m"), "--dataset", str(tmp_path / "d"), "--device", "cuda:99",
+                 *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--device cuda:99" in err[0], err
