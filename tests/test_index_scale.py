@@ -19,13 +19,13 @@ import pytest
 
 from data_prep import index as index_stage
 from data_prep.config import PrepareConfig
-from data_prep.corpora import stdlib_sources
+from data_prep.corpora import stdlib_docstrings, stdlib_sources
 from data_prep.parallel import World
 from data_prep.stage import StageContext
 from retro_dist.data.format import Layout, save_npy
 from retro_dist.retrieval import build_index, get_embedder, load_index, save_index, search
-from retro_dist.retrieval.index import (EXACT_MAX, MAX_BYTES_PER_CHUNK, RERANK_DEPTHS, default_factory, ivf_nlist,
-                                        pq_size)
+from retro_dist.retrieval.index import (EXACT_MAX, HNSW_M, MAX_BYTES_PER_CHUNK, NLIST_MAX, RERANK_DEPTHS,
+                                        ROWS_PER_LIST, default_factory, ivf_nlist, pq_size)
 from retro_dist.retrieval.tuning import exact_top_scores, measure_recall, recall_sample, tune_search
 
 
@@ -65,25 +65,27 @@ def run_stage(root: Path, world: World | None = None, **options) -> tuple[dict, 
 
 def test_auto_at_its_thresholds():
     assert default_factory(EXACT_MAX - 1, 256) == "Flat"
-    assert default_factory(EXACT_MAX, 256) == f"IVF{ivf_nlist(EXACT_MAX)},Flat"
+    assert default_factory(EXACT_MAX, 256) == "IVF512_HNSW32,Flat"  # lists of ROWS_PER_LIST rows
     fits = 256 * 2**20 // (4 * 256 + 8)  # vectors and ids in 256 MB
-    assert default_factory(fits, 256, memory_mb=256) == "IVF2048,Flat"
-    assert default_factory(fits + 1, 256, memory_mb=256) == "IVF2048,PQ32"
-    assert default_factory(10**8, 384) == "IVF32768,PQ48"
-    assert default_factory(10**8, 256) == "IVF32768,PQ32"
-    assert default_factory(10**5, 384, memory_mb=16) == "IVF1024,PQ32"  # 1.5 MB of centroids leave no room for 48
-    assert "HNSW" not in default_factory(10**6, 384) + default_factory(10**7, 768)
-    assert ivf_nlist(10**12) == 2**16  # bounds the training sample whatever the corpus
+    assert default_factory(fits, 256, memory_mb=256) == "IVF2032_HNSW32,Flat"
+    assert default_factory(fits + 1, 256, memory_mb=256) == "IVF2032_HNSW32,SQ8"  # 8-bit codes fit
+    codes_fit = 256 * 2**20 // (256 + 8)
+    assert default_factory(codes_fit + 1, 256, memory_mb=256) == f"IVF{(codes_fit + 1) // ROWS_PER_LIST}_HNSW32,PQ32"
+    assert default_factory(10**8, 384) == "IVF262144_HNSW32,PQ48"
+    assert default_factory(10**8, 256) == "IVF262144_HNSW32,PQ32"
+    assert default_factory(10**5, 384, memory_mb=8) == "IVF781_HNSW32,PQ32"  # centroids leave no room for 48
+    assert ivf_nlist(10 * ROWS_PER_LIST) == 10 and ivf_nlist(10**12) == NLIST_MAX  # a bounded training sample
 
 
 @pytest.mark.parametrize("dim", [64, 128, 256, 384, 768, 1024])
 @pytest.mark.parametrize("growth", [1, 10, 1000])
 def test_compressed_index_fits_64_bytes_per_chunk(growth, dim):
-    num_vectors = growth * (2048 * 2**20 // (4 * dim + 8) + 1)  # from where the default 2048 MB no longer holds them
+    num_vectors = growth * (2048 * 2**20 // (dim + 8) + 1)  # from where the default 2048 MB no longer holds SQ8 codes
     factory = default_factory(num_vectors, dim)
     nlist, m = ivf_nlist(num_vectors), pq_size(num_vectors, dim, ivf_nlist(num_vectors))
-    assert factory == f"IVF{nlist},PQ{m}" and dim % m == 0
-    total = num_vectors * (m + 8) + (nlist + 256) * dim * 4 + nlist * 8  # codes, ids, centroids, codebooks, lists
+    assert factory == f"IVF{nlist}_HNSW32,PQ{m}" and dim % m == 0
+    # codes, ids, centroids, codebooks, lists, the centroid graph's level-0 links
+    total = num_vectors * (m + 8) + (nlist + 256) * dim * 4 + nlist * 8 + nlist * 2 * HNSW_M * 4
     assert total / num_vectors <= MAX_BYTES_PER_CHUNK
 
 
@@ -92,7 +94,7 @@ def test_compressed_index_fits_64_bytes_per_chunk(growth, dim):
 def test_compressed_index_recall_after_tuning(tmp_path, text_embeddings):
     x = dataset(tmp_path, text_embeddings)
     counts, facts = run_stage(tmp_path, index_memory_mb=16)  # 108k full vectors would take 106 MB: compress
-    assert facts["factory"] == "IVF1024,PQ32" and facts["vectors"] == len(x) == counts["vectors"]
+    assert facts["factory"] == f"IVF{ivf_nlist(len(x))}_HNSW32,PQ32" and facts["vectors"] == len(x) == counts["vectors"]
     assert facts["recall_at_10"] >= 0.9 and facts["recall_queries"] == 1000
     assert facts["bytes_per_chunk"] <= MAX_BYTES_PER_CHUNK
     assert facts["bytes"] == Layout(tmp_path).index.stat().st_size
@@ -106,7 +108,7 @@ def test_compressed_index_recall_after_tuning(tmp_path, text_embeddings):
     assert measure_recall(index, x, queries, top, rerank=facts["rerank"]) >= 0.88
     # what tuning fixed: faiss's usual nprobe, or PQ scores without exact re-ranking, fall well short
     assert measure_recall(index, np.asarray(x), queries, top, rerank=1) < 0.8
-    index.nprobe = 32
+    index.nprobe = 8
     assert measure_recall(index, x, queries, top, rerank=facts["rerank"]) < 0.85
 
 
@@ -120,6 +122,24 @@ def test_tuning_stops_at_the_target_and_says_when_it_cannot_reach_it(text_embedd
     assert (high["nprobe"], high["rerank"]) == (64, RERANK_DEPTHS[-1]) == (index.nprobe, RERANK_DEPTHS[-1])
     assert tune_search(build_index(x[:5000], "Flat"), x[:5000], target=0.9) == {
         "rerank": None, "recall_at_10": 1.0, "recall_queries": 1000, "reached": True}
+
+
+def test_static_embeddings_reach_the_recall_target_scanning_few_lists(tmp_path):
+    """minilm-static vectors of real English cluster: the IVF that auto builds for a large corpus (lists of
+    ROWS_PER_LIST rows, HNSW coarse quantizer), tuned on 1,000 of the database's own rows, reaches recall@10 0.9
+    scanning a small share of its lists, so a query's cost does not grow with the corpus. hash-256 vectors of the
+    same chunks need a far larger share."""
+    words = [word for doc in stdlib_docstrings(min_chars=1) for word in doc.split()]
+    chunks = [" ".join(words[i:i + 48]) for i in range(0, 48 * 6000, 48)]  # ~one 64-token LM chunk each
+    nlist = ivf_nlist(len(chunks))
+    shares = {}
+    for name in ("minilm-static", "hash-256"):
+        root = tmp_path / name
+        x = dataset(root, get_embedder(name).embed(chunks).astype(np.float16))
+        _, facts = run_stage(root, index_factory=f"IVF{nlist}_HNSW{HNSW_M},Flat", index_recall=0.9)
+        assert facts["recall_at_10"] >= 0.9 and facts["recall_queries"] == 1000
+        shares[name] = facts["nprobe"] / nlist
+    assert shares["minilm-static"] <= 1 / 4 and shares["hash-256"] >= 2 * shares["minilm-static"]
 
 
 # ---------------------------------------------------------------- search with exact re-ranking
@@ -164,8 +184,9 @@ def mapped_shared(path: Path) -> bool:
     return any(line.endswith(str(path)) and line.split()[1][3] == "s" for line in maps)
 
 
-@pytest.mark.parametrize("num_vectors,memory_mb,expected", [(3_000, 2048, "Flat"), (EXACT_MAX, 2048, "IVF1024,Flat"),
-                                                             (EXACT_MAX, 16, "IVF1024,PQ32")])
+@pytest.mark.parametrize("num_vectors,memory_mb,expected", [(3_000, 2048, "Flat"), (EXACT_MAX, 2048, "IVF512_HNSW32,Flat"),
+                                                             (EXACT_MAX, 32, "IVF512_HNSW32,SQ8"),
+                                                             (EXACT_MAX, 16, "IVF512_HNSW32,PQ32")])
 def test_mmap_load_equals_normal_load_for_every_auto_index(tmp_path, text_embeddings, num_vectors, memory_mb,
                                                            expected):
     x = text_embeddings[:num_vectors]
@@ -232,7 +253,8 @@ def run_ranks(root: Path, size: int, **options) -> list[tuple[dict, dict]]:
     return results
 
 
-OPTIONS = {"index_factory": "IVF128,PQ32", "block_size": 3_000, "index_recall": 0.6}  # a short tuning ladder
+# an HNSW coarse quantizer as auto builds it; a short tuning ladder
+OPTIONS = {"index_factory": "IVF128_HNSW32,PQ32", "block_size": 3_000, "index_recall": 0.6}
 
 
 def test_two_ranks_equal_one_rank_and_one_process(tmp_path, text_embeddings):

@@ -161,8 +161,8 @@ def db():
 
 def test_default_factory():
     assert default_factory(1_000, 384) == "Flat"
-    assert default_factory(1_000_000, 384) == "IVF4096,Flat"  # 1.5 GB of vectors and ids fit the default 2048 MB
-    assert default_factory(100_000_000, 384) == "IVF32768,PQ48"  # 48 + 8 id bytes: within 64 per chunk
+    assert default_factory(1_000_000, 384) == "IVF7812_HNSW32,Flat"  # 1.5 GB of vectors and ids fit 2048 MB
+    assert default_factory(100_000_000, 384) == "IVF262144_HNSW32,PQ48"  # 48 + 8 id bytes: within 64 per chunk
 
 
 def test_flat_search_equals_brute_force(db):

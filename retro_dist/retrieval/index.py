@@ -12,6 +12,7 @@ recall@10 against exact search reaches a target on a sample of the database's ow
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -24,7 +25,11 @@ from retro_dist.atomic import atomic_path
 # Exact all-vs-all search (the neighbors stage) grows as n^2: measured 41 CPU-s at 2**16 chunks (hash-256, one
 # thread of a shared 2-core CPU) but ~914 CPU-s just under the former 200k switch; IVF, tuned to recall, above.
 EXACT_MAX = 2**16
-NLIST_MAX = 2**16  # bounds the training sample (39 rows per list) and the centroids whatever the corpus size
+ROWS_PER_LIST = 128  # IVF lists of a fixed size: a query scanning nprobe lists costs the same at any corpus size
+NLIST_MAX = 2**18  # Megatron's list count for ~67M chunks; past NLIST_MAX * ROWS_PER_LIST (~33M chunks) lists grow
+TRAIN_MAX = 2**21  # at most this many rows (2 GB as float32 at 256 dims) train the centroids, however many lists
+HNSW_M = 32  # links per centroid of the coarse quantizer: a query finds its nprobe lists in ~log(nlist) steps
+QUANTIZER_EF = 64  # the coarse quantizer's beam: its nearest list is the exact one for nearly every vector
 MAX_BYTES_PER_CHUNK = 64  # a compressed index's budget per vector, its 8-byte id included
 ID_BYTES = 8  # faiss stores one int64 id per vector in the inverted lists
 TRAIN_SIZE = 65_536  # 256 rows per PQ centroid, faiss's own cap; raised to 39 per IVF list when that is more
@@ -35,38 +40,45 @@ RERANK_DEPTHS = (64, 128, 256)  # candidates of a compressed index re-scored exa
 
 
 def ivf_nlist(num_vectors: int) -> int:
-    """IVF list count: the power of two nearest 4 * sqrt(num_vectors), at most NLIST_MAX, >= 39 training rows per list."""
-    nlist = 2 ** round(math.log2(4 * math.sqrt(max(num_vectors, 1))))
-    return max(1, min(nlist, NLIST_MAX, num_vectors // 39))
+    """IVF list count: num_vectors / ROWS_PER_LIST (lists of a fixed size), at most NLIST_MAX."""
+    return max(1, min(num_vectors // ROWS_PER_LIST, NLIST_MAX))
 
 
 def pq_size(num_vectors: int, dim: int, nlist: int) -> int:
     """PQ sub-quantizers m (one byte each, m divides dim) that keep an IVF-PQ index within MAX_BYTES_PER_CHUNK per
-    vector, counting its id and its share of the centroids, the PQ codebooks and the list sizes. (Far below the
+    vector, counting its id and its share of the centroids, their graph, the PQ codebooks and the list sizes. (Far below the
     size where --index-memory-mb forces compression, that share alone can exceed the budget: m is then 1.)"""
-    fixed = (nlist + 256) * dim * 4 + nlist * 8
+    fixed = (nlist + 256) * dim * 4 + nlist * 8 + nlist * 2 * HNSW_M * 4  # last: the centroid graph's links
     budget = MAX_BYTES_PER_CHUNK - ID_BYTES - fixed / max(num_vectors, 1)
     return max((m for m in range(1, dim + 1) if dim % m == 0 and m <= budget), default=1)
 
 
 def default_factory(num_vectors: int, dim: int, memory_mb: int = 2048) -> str:
     """faiss factory string for `num_vectors` vectors of `dim` in about `memory_mb`: exact (Flat) below EXACT_MAX,
-    then IVF with full vectors while vectors and ids fit, then IVF-PQ within 64 bytes per vector (`search` re-ranks
-    its candidates exactly from the stored embeddings).
+    then IVF with ROWS_PER_LIST rows per list and an HNSW coarse quantizer, storing full vectors while vectors and
+    ids fit, else 8-bit scalar codes while those fit, else PQ within 64 bytes per vector (`search` re-ranks the
+    candidates of SQ and PQ exactly from the stored embeddings).
 
-    Measured on hash-256 embeddings of real text (108k chunks, recall@10 on 1,000 database rows): HNSW32,Flat gave
-    0.73-0.75 at its default efSearch, keeps full vectors plus ~256 B of links each and cannot be filled in parallel
-    blocks, so it is not chosen; OPQ32 before IVF-PQ trained ~10x slower and re-ranked no better than plain PQ.
-    4-bit fast-scan (IVF8192,PQ64x4fs at 2.7M chunks) needs ~4x the re-rank depth for recall@10 0.9 and was at most
-    1.8x faster there (215 against 121 queries/s per core); its inverted lists hold codes packed in blocks of 32,
-    so the standalone-code fill (`add_sa_codes`) cannot build it (wrong neighbors, heap corruption).
+    Lists of a fixed size make a query's cost (nprobe lists of ROWS_PER_LIST rows, plus a walk of the centroid
+    graph) independent of the corpus size, so the neighbors stage grows linearly, wherever the tuned nprobe stays
+    put: it does on embeddings that cluster (minilm, minilm-static); hash-256 vectors barely cluster and need a
+    growing share of the lists. The HNSW quantizer also makes the k-means behind many lists affordable on a CPU:
+    each training vector finds its centroid by a graph walk instead of against every centroid.
+    Measured on hash-256 embeddings of real text (108k chunks, recall@10 on 1,000 database rows): HNSW32,Flat over
+    the vectors themselves gave 0.73-0.75 at its default efSearch and cannot be filled in parallel blocks;
+    OPQ32 before IVF-PQ trained ~10x slower and re-ranked no better than plain PQ. 4-bit fast-scan PQ needs ~4x the
+    re-rank depth for recall@10 0.9 and its lists (codes packed in blocks of 32) cannot be filled from standalone
+    codes (`add_sa_codes`).
     """
     if num_vectors < EXACT_MAX:
         return "Flat"
     nlist = ivf_nlist(num_vectors)
+    ivf = f"IVF{nlist}_HNSW{HNSW_M}"
     if num_vectors * (4 * dim + ID_BYTES) <= memory_mb * 2**20:
-        return f"IVF{nlist},Flat"
-    return f"IVF{nlist},PQ{pq_size(num_vectors, dim, nlist)}"
+        return f"{ivf},Flat"
+    if num_vectors * (dim + ID_BYTES) <= memory_mb * 2**20:
+        return f"{ivf},SQ8"
+    return f"{ivf},PQ{pq_size(num_vectors, dim, nlist)}"
 
 
 def _make(factory: str, dim: int) -> faiss.Index:
@@ -101,8 +113,29 @@ def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
     return index if isinstance(index, faiss.IndexIVF) else None
 
 
+def _hnsw_quantizer(index: faiss.Index) -> faiss.IndexHNSW | None:
+    """The HNSW coarse quantizer of an IVF index, or None."""
+    ivf = faiss.try_extract_index_ivf(index)
+    quantizer = faiss.downcast_index(ivf.quantizer) if ivf is not None else None
+    return quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
+
+
+@contextlib.contextmanager
+def _graph_threads(index: faiss.Index):
+    """One faiss thread while an HNSW coarse quantizer is built: its graph (inserted by k-means at every iteration)
+    depends on the order of parallel insertions, and the index must be the same bytes on every run."""
+    threads = faiss.omp_get_max_threads()
+    if _hnsw_quantizer(index) is not None:
+        faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
 def _set_search_defaults(index: faiss.Index) -> None:
-    """HNSW efSearch >= 64, IVF nprobe = max(32, sqrt(nlist)): the settings before `tune_search` picks its own."""
+    """HNSW efSearch >= 64, IVF nprobe = max(32, sqrt(nlist)), an HNSW quantizer's efSearch QUANTIZER_EF: the
+    settings before `tune_search` picks its own."""
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexPreTransform):
         _set_search_defaults(index.index)
@@ -110,6 +143,9 @@ def _set_search_defaults(index: faiss.Index) -> None:
         index.hnsw.efSearch = max(64, index.hnsw.efSearch)
     elif isinstance(index, faiss.IndexIVF):
         index.nprobe = min(index.nlist, max(32, math.isqrt(index.nlist)))
+        quantizer = _hnsw_quantizer(index)
+        if quantizer is not None:
+            quantizer.hnsw.efSearch = QUANTIZER_EF
 
 
 def _rows_f32(embeddings: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
@@ -134,7 +170,7 @@ def train_index(embeddings: np.ndarray, factory: str, *, train_size: int = TRAIN
     index = _make(factory, dim)
     if not index.is_trained:
         ivf = faiss.try_extract_index_ivf(index)
-        size = min(n, max(train_size, 39 * ivf.nlist if ivf is not None else 0))
+        size = min(n, max(train_size, min(39 * ivf.nlist if ivf is not None else 0, TRAIN_MAX)))
         if size == 0:
             raise ValueError(f"index {factory!r} needs training vectors but the embeddings are empty: use 'Flat'")
         sample = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
@@ -147,7 +183,8 @@ def train_index(embeddings: np.ndarray, factory: str, *, train_size: int = TRAIN
             # 64 residuals per PQ centroid, not faiss's 256: PQ training ~4x faster, re-ranked recall@10 the same
             # (measured 0.808 vs 0.810 on hash-256 text embeddings)
             pq.pq.cp.max_points_per_centroid = 64
-        index.train(train)
+        with _graph_threads(index):
+            index.train(train)
         del train
     _set_search_defaults(index)
     return index

@@ -15,6 +15,8 @@ from .index import MARGIN, RERANK_DEPTHS, _exact_scores, _is_hnsw, _rows_f32, se
 
 RECALL_QUERIES = 1000  # database rows whose recall@10 against exact search tunes the search parameters
 RECALL_K = 10
+# nprobe values tried in turn: 2^i and 1.5 * 2^i
+LADDER = sorted({2**i for i in range(31)} | {3 * 2**i for i in range(30)})
 TIE_TOLERANCE = 1e-6  # an approximate neighbor scoring within this of the k-th exact score is as good as it
 
 
@@ -76,12 +78,13 @@ def measure_recall(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarra
 
 
 def search_ladder(index: faiss.Index) -> tuple[str | None, list[int | None], tuple[int | None, ...]]:
-    """(knob, its values from cheap to costly, re-rank depths from cheap to costly): nprobe doubling up to nlist
-    (IVF) or efSearch doubling (HNSW), and the re-rank depths of a compressed index (None: exact, no re-rank)."""
+    """(knob, its values from cheap to costly, re-rank depths from cheap to costly): nprobe in steps of at most 1.5x
+    up to nlist (IVF: a query's cost is proportional to it, so the tuned cost lands within 1.5x of the least that
+    reaches the target) or efSearch doubling (HNSW), and the re-rank depths of a compressed index (None: exact, no re-rank)."""
     knob, values = None, [None]
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        knob, values = "nprobe", [min(2**i, ivf.nlist) for i in range((ivf.nlist - 1).bit_length() + 1)]
+        knob, values = "nprobe", [v for v in LADDER if v < ivf.nlist] + [ivf.nlist]
     elif _is_hnsw(index):
         knob, values = "efSearch", [2**i for i in range(4, 13)]
     return knob, values, (None,) if _exact_scores(index) else RERANK_DEPTHS
