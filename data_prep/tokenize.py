@@ -33,8 +33,11 @@ from .assemble import SPLITS, allocate, place_segments, split_counts, write_spli
 from .readers import BadUtf8, Block, Piece, plan_blocks, read_block
 from .stage import StageContext
 
-PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
-EOS_NAMES = ("<eos>", "</s>", "<|endoftext|>", "<|eos|>", "[SEP]")
+# the first name the tokenizer has wins; a tokenizer without a pad token (Llama 2/3) pads with a special token that
+# text never yields: Llama 3.1's pad, Llama 3's first reserved token, Llama 2's <unk> (byte fallback never emits it)
+PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>", "<|finetune_right_pad_id|>",
+             "<|reserved_special_token_0|>", "<unk>")
+EOS_NAMES = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<|eos|>", "[SEP]")
 BATCH_CHARS = 4 << 20  # characters per encode_batch call: the tokenizer's per-token objects stay ~1 GB at most
 PIECE_CHARS = 1 << 20  # longer documents are encoded in pieces of about this many characters
 # a single space or newline between two letters/digits: no byte-level BPE pre-token crosses it, so cutting a
@@ -147,6 +150,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     sample = world.on_main(lambda: _prepare_tokenizer(ctx, blocks, parts / "tokenizer.json"))
     from tokenizers import Tokenizer
     tokenizer = Tokenizer.from_file(str(parts / "tokenizer.json"))
+    tokenizer.encode_special_tokens = True  # special tokens typed in a document stay text: pad/eos come only from here
     pad_id, eos_id = special_ids(tokenizer, c.tokenizer or "(trained)")
 
     mine = [b for b in world.my_blocks(len(blocks)) if not (parts / f"{b:06d}.json").exists()]

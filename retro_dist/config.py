@@ -24,6 +24,13 @@ class ModelSection:
     """Architecture preset (retro_dist/model/presets.py); vocabulary, length, chunk size and pad come from the data."""
     arch: dict[str, Any] = field(default_factory=dict)
     """RetroConfig fields overriding the preset, e.g. {"dec_depth": 4, "dec_attn_dropout": 0.1}."""
+    retrofit: str = ""
+    """A transformers checkpoint directory (Llama family, Qwen2, Mistral) to RETRO-fit instead of building the preset
+    (docs/retrofit.md); its tokenizer.json must be the dataset's."""
+    freeze_base: bool = True
+    """With model.retrofit: train only the new CCA and encoder (true, the RETRO paper's recipe) or every weight."""
+    retrofit_arch: dict[str, Any] = field(default_factory=dict)
+    """With model.retrofit: RetrofitConfig fields, e.g. {"cca_layers": [6, 9], "enc_dim": 256, "enc_depth": 2}."""
 
 
 @dataclass
@@ -119,6 +126,9 @@ class RunConfig:
         if self.model.preset not in PRESETS:
             raise ValueError(f"model.preset={self.model.preset!r} is unknown; known: {', '.join(PRESETS)}")
         check_arch(self.model.arch)
+        if self.model.retrofit:  # the base checkpoint and the CCA layers, before anything is written
+            from retro_dist.retrofit.model import check_section
+            check_section(self.model)
         if not self.data.dataset:
             raise ValueError("data.dataset is empty: pass --data.dataset=DIR (a directory from `retro-dist prepare`)")
         if self.train.zero_stage not in (0, 1, 2, 3):

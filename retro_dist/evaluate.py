@@ -262,9 +262,9 @@ def evaluate_model(model_dir: str, dataset: str, *, split: str = "val", batch_si
                    device: torch.device | str = "cpu") -> dict[str, Any]:
     """`retro-dist eval`: an exported model over a split, on this process and `device` (fp32 weights)."""
     from retro_dist.compat import check_model_fits_dataset
-    from retro_dist.model import RETRO
+    from retro_dist.pretrained import load_model
 
-    model = RETRO.from_pretrained(model_dir).float().eval()
+    model = load_model(model_dir).float().eval()  # RETRO or a retrofit
     check_model_fits_dataset(model_dir, model.config, dataset, load_manifest(dataset))
     evaluator = Evaluator(dataset, split, batch_size=batch_size, max_samples=max_samples,
                           num_neighbors=num_neighbors, seed=seed)

@@ -16,6 +16,7 @@ import torch
 
 from retro_dist.data.format import Layout, load_manifest, load_npy, neighbor_tokens
 from retro_dist.model import RETRO
+from retro_dist.pretrained import load_model
 
 
 class Retriever:
@@ -63,7 +64,7 @@ def load_for_generation(model_dir: str | Path, dataset: str | Path, *, num_neigh
     to match."""
     from retro_dist.compat import check_model_fits_dataset
 
-    model = RETRO.from_pretrained(model_dir).float().eval()
+    model = load_model(model_dir).float().eval()  # RETRO or a retrofit
     check_model_fits_dataset(model_dir, model.config, dataset, load_manifest(dataset))
     return model.to(device), Retriever(dataset, num_neighbors=num_neighbors)
 

@@ -146,3 +146,13 @@ def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu"
         raise ValueError(f"{directory}: the shards hold other tensors than {INDEX_NAME} names "
                          f"(e.g. {sorted(set(state) ^ set(weight_map))[:3]}): export the model again")
     return config, state
+
+
+def load_model(directory: str | Path, **options) -> torch.nn.Module:
+    """The model an exported directory holds: RETRO, or a retrofit (config.json with a `retrofit` section: a
+    transformers base in DIR/base with retrieval added)."""
+    from retro_dist.retrofit.model import RetrofitRETRO, is_retrofit_dir
+    if is_retrofit_dir(directory):
+        return RetrofitRETRO.from_pretrained(directory, **options)
+    from retro_dist.model import RETRO
+    return RETRO.from_pretrained(directory, **options)

@@ -126,6 +126,26 @@ def retro_config(settings: RetrofitConfig, base_config, *, max_seq_len: int, chu
                        pad_id=pad_id, cca_positions="aligned")
 
 
+def settings_from_section(section: Any) -> RetrofitConfig:
+    """The RetrofitConfig of a run's model section (model.retrofit, model.freeze_base, model.retrofit_arch)."""
+    owned = [k for k in ("base", "freeze_base") if k in section.retrofit_arch]
+    if owned:
+        raise RetrofitError(f"model.retrofit_arch.{owned[0]} cannot be set there: use model.retrofit / "
+                            f"model.freeze_base")
+    return RetrofitConfig.from_dict({**section.retrofit_arch, "base": section.retrofit,
+                                     "freeze_base": section.freeze_base})
+
+
+def check_section(section: Any) -> None:
+    """One line for a run's retrofit settings that cannot build: not a supported checkpoint, CCA layers beyond its
+    depth, model.arch given (it shapes RETRO from scratch only)."""
+    if section.arch:
+        raise RetrofitError(f"model.arch {sorted(section.arch)} shapes RETRO from scratch; a retrofit takes "
+                            f"model.retrofit_arch (cca_layers, enc_dim, enc_depth, heads, dim_head, dropout)")
+    settings = settings_from_section(section)
+    retro_config(settings, read_base_config(settings.base), max_seq_len=1, chunk_size=1, pad_id=0)
+
+
 def zero_output(module: nn.Module) -> None:
     """Zero the output projection of a chunked cross-attention: its residual branch adds exactly 0 at step 0.
     Runs through `Module.apply`, which DeepSpeed's zero.Init gathers one module at a time."""

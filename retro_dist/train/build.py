@@ -18,7 +18,7 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
 
 
 def build_model(config: RetroConfig, ds_config: dict[str, Any], *, seed: int,
-                activation_checkpointing: str) -> tuple[RETRO, int]:
+                activation_checkpointing: str, retrofit: Any = None) -> tuple[RETRO, int]:
     """The model to hand `deepspeed.initialize`, and its parameter count.
 
     Under ZeRO stage 3 it is built inside `deepspeed.zero.Init` (from the resolved ds_config, so precision and
@@ -28,6 +28,11 @@ def build_model(config: RetroConfig, ds_config: dict[str, Any], *, seed: int,
     initial weights are those of a plain build, whatever the number of ranks. On a GPU zero.Init creates the
     parameters on the device, whose generator draws other numbers than the CPU's: the same on every world size
     still, but not the ZeRO 0-2 weights."""
+    if retrofit is not None:  # a RetrofitConfig: a transformers base with retrieval added (retro_dist/retrofit)
+        from retro_dist.retrofit.build import build_retrofit
+        model = build_retrofit(retrofit, config, ds_config, seed=seed, zero3=zero_stage(ds_config) == 3,
+                               activation_checkpointing=activation_checkpointing)
+        return model, parameter_count(model)
     torch.manual_seed(seed)  # the same initial weights on every rank
     if zero_stage(ds_config) == 3:
         import deepspeed

@@ -297,6 +297,9 @@ def export(run_dir: str | Path, out: str | Path, *, step: int | None = None, dty
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory: choose another path")
     run_config = json.loads(config_path.read_text())
+    if run_config["model"].get("retrofit"):  # a transformers base with retrieval added: retro_dist/retrofit
+        from retro_dist.retrofit.export import export_retrofit
+        return export_retrofit(checkpoints / tag, out, run_config, dtype=dtype, max_shard_size=max_shard_size)
     config = RetroConfig.from_dict(run_config["resolved"]["model"])
     source = open_checkpoint(checkpoints / tag, config)
     check_names(config, source.shapes, tag)
