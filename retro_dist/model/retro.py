@@ -141,7 +141,8 @@ class RETRO(nn.Module):
 
     seq: int64 [b, n] (n = L + 1 with return_loss: labels are seq[:, 1:]); retrieved: int64 [b, k, r, m] or
     [b, k, m] (one neighbor) with k = L // chunk_size and m >= chunk_size. Returns logits [b, L, num_tokens]
-    or the mean token loss, pad_id ignored.
+    or the mean token loss, pad_id ignored. Token ids are range-checked on CPU tensors only (a check elsewhere would
+    wait for the device): on an accelerator, run `check_inputs(seq, retrieved)` on the CPU batch before the copy.
     """
 
     def __init__(self, config: RetroConfig):
