@@ -125,34 +125,43 @@ def help_options(command: str) -> frozenset[str]:
 
 
 @cache
-def config_keys() -> tuple[frozenset[str], frozenset[str]]:
-    """(every RunConfig key as `section.key`, plus top-level fields; the keys model.arch takes)."""
+def config_keys() -> tuple[frozenset[str], dict[str, frozenset[str] | None]]:
+    """(every RunConfig key as `section.key`, plus the top-level fields; for each free-form dict key such as
+    `model.arch`, the keys it takes, or None where any key goes)."""
     from retro_dist.config import RunConfig
     from retro_dist.model.config import RetroConfig
     from retro_dist.model.presets import DATASET_KEYS
 
-    keys = set()
+    schemas: dict[str, type] = {"model.arch": RetroConfig}
+    try:
+        from retro_dist.retrofit.model import RetrofitConfig
+        schemas["model.retrofit_arch"] = RetrofitConfig
+    except ImportError:
+        pass
+    keys, dicts = set(), {}
     for f in dataclasses.fields(RunConfig):
         value = getattr(RunConfig(), f.name)
-        if dataclasses.is_dataclass(value):
-            keys |= {f"{f.name}.{g.name}" for g in dataclasses.fields(value)}
-        else:
+        if not dataclasses.is_dataclass(value):
             keys.add(f.name)
-    arch = {f.name for f in dataclasses.fields(RetroConfig)} - set(DATASET_KEYS)
-    return frozenset(keys), frozenset(arch)
+            continue
+        for g in dataclasses.fields(value):
+            key = f"{f.name}.{g.name}"
+            keys.add(key)
+            if isinstance(getattr(value, g.name), dict):
+                schema = schemas.get(key)
+                dicts[key] = (frozenset({h.name for h in dataclasses.fields(schema)} - set(DATASET_KEYS))
+                              if schema else None)
+    return frozenset(keys), dicts
 
 
 def config_key_problem(key: str, value: str | None) -> str | None:
     """None if `key` (e.g. `train.global_batch`, `model.arch.dec_depth`) is a run-config key, else why not. A key
     the config does not declare still passes when load_run_config takes it with the documented value (an alias)."""
-    keys, arch = config_keys()
-    parts = key.split(".")
-    if parts[:2] == ["model", "arch"] and len(parts) == 3:
-        if parts[2] in arch:
-            return None
-    elif key in keys:
+    keys, dicts = config_keys()
+    head, _, sub = key.rpartition(".")
+    if key in keys or (head in dicts and (dicts[head] is None or sub in dicts[head])):
         return None
-    if value is not None:
+    if value is not None and head not in dicts:
         from retro_dist.config import load_run_config
         try:
             with contextlib.redirect_stderr(io.StringIO()):
@@ -293,13 +302,14 @@ def test_checker_finds_broken_links_and_unknown_options(tmp_path: Path, monkeypa
         "retro-dist eval --model m --dataset d --max-samples 4 --no-such-flag\n"
         "```\n\n"
         "| option | default |\n|---|---|\n| `--batch-size` | 4 |\n| `--made-up` | 0 |\n\n"
-        "Keys: `optim.lr`, `optim.nope`, `model.arch.dec_depth`, `model.arch.num_tokens`, `model.safetensors`.\n")
+        "Keys: `optim.lr`, `optim.nope`, `model.arch.dec_depth`, `model.arch.num_tokens`, `model.arch.nope`, "
+        "`model.safetensors`.\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     links = broken_links(page)
     assert [p.split(" ")[2] for p in links] == ["missing.md", "other.md#no-such"]
     problems = "\n".join(unknown_options(page))
     for expected in ("--no-such-flag", "--train.no_such_key", "--made-up", "`optim.nope`",
-                     "`model.arch.num_tokens`"):
+                     "`model.arch.num_tokens`", "`model.arch.nope`"):
         assert expected in problems
     for fine in ("--max-samples", "--train.global_batch", "--run_dir", "--batch-size", "--config",
                  "`optim.lr`", "dec_depth", "safetensors"):
