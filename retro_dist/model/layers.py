@@ -277,7 +277,7 @@ class LogitsHead(nn.Linear):
     """
 
     block_elements = 1 << 24  # ~64 MB of float32 logits per block
-    fp16_block_rows = 4096  # a block's fp16 weight gradient sums this many rows of x: stays under 65504 for |x| < 16
+    fp16_block_rows = 4096  # a block's fp16 weight gradient sums this many rows of x: under 65504 while |x| < 15
 
     def forward(self, x: Tensor, labels: Tensor | None = None, *, ignore_index: int = -100) -> Tensor:
         if labels is None:
