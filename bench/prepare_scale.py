@@ -83,7 +83,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("/tmp/retro_prepare_scale"),
                         help="corpora, datasets and logs; corpora are reused across runs (default: %(default)s)")
     parser.add_argument("--out-json", type=Path, default=None, help="results as JSON (default: WORK/results.json)")
-    parser.add_argument("--embedder", default="hash-256")
+    parser.add_argument("--embedder", default="minilm-static",
+                        help="the recommended CPU path (default: %(default)s); hash-256 for the lexical baseline")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--vocab-size", type=int, default=32000)
