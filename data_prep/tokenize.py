@@ -38,8 +38,11 @@ from .stage import StageContext
 PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>", "<|finetune_right_pad_id|>",
              "<|reserved_special_token_0|>", "<unk>")
 EOS_NAMES = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<|eos|>", "[SEP]")
-BATCH_CHARS = 4 << 20  # characters per encode_batch call: the tokenizer's per-token objects stay ~1 GB at most
-PIECE_CHARS = 1 << 20  # longer documents are encoded in pieces of about this many characters
+# UTF-8 bytes per encode_batch call. The tokenizer's per-token objects (~150 B a token in tokenizers 0.23, ~110 B
+# without offsets) are most of this stage's memory, and a byte-level BPE gives at most one token per byte: a budget
+# in bytes bounds them whatever the text (in characters, dense text such as code or CJK held 1.5-3x more tokens)
+BATCH_BYTES = 1 << 20
+PIECE_CHARS = 1 << 17  # longer documents are encoded in pieces of about this many characters
 # a single space or newline between two letters/digits: no byte-level BPE pre-token crosses it, so cutting a
 # document there and encoding the pieces apart gives the same tokens as encoding it whole
 _SAFE_CUT = re.compile(r"(?<=[^\W_])[ \n](?=[^\W_])")
@@ -95,16 +98,18 @@ def encode_documents(tokenizer, docs: Iterable[str], eos_id: int, *, align: int 
                      pad_id: int = 0) -> Iterator[np.ndarray]:
     """Each document's token ids int32, then eos, then pad up to a multiple of `align` (1: no padding).
 
-    Documents are encoded in batches of at most BATCH_CHARS characters, long ones in pieces, so memory stays
-    bounded whatever the document sizes.
+    Documents are encoded in batches of about BATCH_BYTES, long ones in pieces, so memory stays bounded whatever
+    the document sizes and the text.
     """
     batch: list[str] = []
     owners: list[int] = []  # document number of each piece in the batch
     open_docs: list[list[np.ndarray]] = []  # the pieces' ids of documents not yet yielded, from document `first` on
-    first = chars = 0
+    first = size = 0
+    # no offsets, the same ids (tokenizers >= 0.21)
+    encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
 
     def encode() -> None:
-        for owner, enc in zip(owners, tokenizer.encode_batch(batch, add_special_tokens=False)):
+        for owner, enc in zip(owners, encode_batch(batch, add_special_tokens=False)):
             open_docs[owner - first].append(np.asarray(enc.ids, dtype=np.int32))
         batch.clear()
         owners.clear()
@@ -114,10 +119,10 @@ def encode_documents(tokenizer, docs: Iterable[str], eos_id: int, *, align: int 
         for piece in _pieces(doc):
             batch.append(piece)
             owners.append(number)
-            chars += len(piece)
-            if chars >= BATCH_CHARS:
+            size += len(piece) if piece.isascii() else len(piece.encode("utf-8", "surrogatepass"))
+            if size >= BATCH_BYTES:
                 encode()
-                chars = 0
+                size = 0
                 for pieces in open_docs[:number - first]:  # documents before this one are whole now
                     yield _finish(pieces, eos_id, align, pad_id)
                 del open_docs[:number - first]

@@ -86,7 +86,7 @@ def docs() -> list[str]:
 
 def test_streaming_equals_in_memory_from_every_input_kind(tmp_path, docs, monkeypatch):
     monkeypatch.setattr(tokenize_mod, "PIECE_CHARS", 3000)  # long documents are encoded in pieces
-    monkeypatch.setattr(tokenize_mod, "BATCH_CHARS", 20000)  # batches end inside documents
+    monkeypatch.setattr(tokenize_mod, "BATCH_BYTES", 20000)  # batches end inside documents
     order = mixed_corpus(tmp_path / "corpus", docs)
     assert max(map(len, order)) > 2 * 3000
     out = tmp_path / "ds"
@@ -156,3 +156,40 @@ def test_one_giant_document_warns(tmp_path, capsys):
     assert prepare(["--input", str(tmp_path / "c"), "--out", str(tmp_path / "ds"), *OPTS, "--val-fraction", "0"]) == 0
     out = capsys.readouterr().out
     assert "warning: one document holds" in out and "no neighbors" in out
+
+
+
+class _Recording:
+    """The real tokenizer, recording the tokens each encode_batch call returns."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def encode_batch(self, texts, **kwargs):
+        encodings = self.tokenizer.encode_batch(texts, **kwargs)
+        self.calls.append(sum(len(e.ids) for e in encodings))
+        return encodings
+
+    encode_batch_fast = encode_batch
+
+
+def test_encode_batches_are_bounded_in_bytes(docs, monkeypatch):
+    """The tokenizer's per-token objects (~150 B a token) are the bulk of tokenize's memory, so one encode_batch call
+    must hold a bounded number of tokens whatever the text: a byte-level BPE gives at most one token per UTF-8 byte,
+    and text outside its merges (here CJK, 3 bytes and 3 tokens a character) gives about that many. Bounded in
+    characters, a call held 3x its budget in tokens."""
+    budget, piece = 20000, 3000
+    monkeypatch.setattr(tokenize_mod, "BATCH_BYTES", budget)
+    monkeypatch.setattr(tokenize_mod, "PIECE_CHARS", piece)
+    tokenizer = train_tokenizer(docs[:100], 400)
+    pad_id, eos_id = special_ids(tokenizer, "test")
+    rng = np.random.default_rng(0)
+    cjk = ["".join(chr(c) for c in rng.integers(0x4E00, 0x9FFF, n)) for n in rng.integers(200, 4000, 60)]
+    texts = [t for pair in zip(docs[:60], cjk) for t in pair]
+    recording = _Recording(tokenizer)
+    got = list(tokenize_mod.encode_documents(recording, texts, eos_id, pad_id=pad_id))
+    expected = [tokenizer.encode(t, add_special_tokens=False).ids + [eos_id] for t in texts]
+    assert [g.tolist() for g in got] == expected
+    one_piece = 3 * 2 * piece  # a piece is cut within [PIECE_CHARS, 2 PIECE_CHARS) characters, 3 bytes each
+    print(f"tokens per encode_batch call: max {max(recording.calls)}, budget {budget} bytes + one piece {one_piece}")
+    assert max(recording.calls) <= budget + one_piece
