@@ -301,7 +301,7 @@ def test_checker_finds_broken_links_and_unknown_options(tmp_path: Path, monkeypa
         "launch/local.sh --config c.yaml --train.global_batch=8 --train.no_such_key=1 --run_dir=r\n"
         "retro-dist eval --model m --dataset d --max-samples 4 --no-such-flag\n"
         "```\n\n"
-        "| option | default |\n|---|---|\n| `--batch-size` | 4 |\n| `--made-up` | 0 |\n\n"
+        "| option | default |\n|---|---|\n| `--model` | |\n| `--made-up` | 0 |\n\n"
         "Keys: `optim.lr`, `optim.nope`, `model.arch.dec_depth`, `model.arch.num_tokens`, `model.arch.nope`, "
         "`model.safetensors`.\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
@@ -311,6 +311,6 @@ def test_checker_finds_broken_links_and_unknown_options(tmp_path: Path, monkeypa
     for expected in ("--no-such-flag", "--train.no_such_key", "--made-up", "`optim.nope`",
                      "`model.arch.num_tokens`", "`model.arch.nope`"):
         assert expected in problems
-    for fine in ("--max-samples", "--train.global_batch", "--run_dir", "--batch-size", "--config",
+    for fine in ("--max-samples", "--train.global_batch", "--run_dir", "--model", "--config",
                  "`optim.lr`", "dec_depth", "safetensors"):
         assert fine not in problems
