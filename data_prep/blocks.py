@@ -23,6 +23,7 @@ from tqdm import tqdm
 from retro_dist.atomic import fsync_path
 from retro_dist.data.format import create_npy, npy_header, pwrite_all
 
+from .parallel import PrepError
 from .stage import StageContext
 
 @dataclass
@@ -70,7 +71,7 @@ def compute_blocks(ctx: StageContext, *, out: Path, num_rows: int, width: int, d
     def finish() -> None:
         missing = [f"{lo}..{hi}" for lo, hi in _undone(work, blocks)]
         if missing:
-            raise RuntimeError(f"{desc}: rows {', '.join(missing[:3])} were not written by any rank")
+            raise PrepError(f"{desc}: rows {', '.join(missing[:3])} were not written by any rank")
         os.replace(data, out)
         fsync_path(out.parent)
         shutil.rmtree(work)
@@ -103,7 +104,7 @@ def _write_blocks(data: Path, blocks: list[tuple[int, int]], compute: Callable[[
         for lo, hi in blocks:
             result = np.ascontiguousarray(compute(lo, hi), dtype=dtype)
             if result.shape != (hi - lo, width):
-                raise RuntimeError(f"{desc}: rows {lo}..{hi} gave shape {result.shape}, expected {(hi - lo, width)}")
+                raise PrepError(f"{desc}: rows {lo}..{hi} gave shape {result.shape}, expected {(hi - lo, width)}")
             pwrite_all(fd, result, header + lo * width * dtype.itemsize)
             os.fsync(fd)  # the rows are durable before their marker says so
             (data.parent / _marker(lo, hi)).touch()

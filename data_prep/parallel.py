@@ -12,6 +12,10 @@ from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
+
+class PrepError(RuntimeError):
+    """A stage could not finish (on this rank or another): `retro-dist prepare` prints it as one line."""
+
 _MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
 
@@ -32,7 +36,7 @@ class World:
             try:
                 from mpi4py import MPI
             except ImportError as e:
-                raise RuntimeError(f"launched under MPI but mpi4py cannot load its MPI library ({e}); install "
+                raise PrepError(f"launched under MPI but mpi4py cannot load its MPI library ({e}); install "
                                    f"Open MPI (apt-get install openmpi-bin) or run without mpirun") from None
             self.comm = MPI.COMM_WORLD
             self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
@@ -84,7 +88,7 @@ class World:
         if error is not None:
             raise error
         if first is not None:
-            raise RuntimeError(first)
+            raise PrepError(first)
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """fn() on rank 0, its result broadcast to every rank; an error there is raised on every rank."""

@@ -21,6 +21,7 @@ from retro_dist.data.format import STAGES, DatasetError, file_sha256, load_manif
 from retro_dist.lock import DirectoryLock, LockHeld, hold_directory, pid_alive
 
 from . import config as config_mod
+from .parallel import PrepError
 from . import embed, index, neighbors, shard, tokenize
 from .parallel import World
 from .readers import inputs_fingerprint
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_cli(args: argparse.Namespace, stages: list[str]) -> int:
     try:
         run(args, stages)
-    except (DatasetError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (DatasetError, ValueError, FileNotFoundError, PrepError) as e:
         # one line, always, in one write: under mpirun the ranks' lines must not interleave
         sys.stderr.write(f"retro-dist prepare: error: {' '.join(str(e).split())}\n")
         sys.stderr.flush()

@@ -10,7 +10,7 @@ from typing import Any, Callable
 from retro_dist.data.format import STAGES, atomic_path, fingerprint, load_manifest, require_stage, save_manifest
 
 from .config import PrepareConfig
-from .parallel import World
+from .parallel import PrepError, World
 
 # which options each stage's output depends on: changing another option does not redo it
 STAGE_OPTIONS = {
@@ -94,7 +94,7 @@ def run_stage(stage: str, root: Path, config: PrepareConfig, world: World,
     if error is not None:
         raise error
     if first is not None:
-        raise RuntimeError(f"stage {stage!r} failed on another rank: {first}")
+        raise PrepError(f"stage {stage!r} failed on another rank: {first}")
     wall = time.perf_counter() - start
     if world.is_main:
         manifest = load_manifest(root)

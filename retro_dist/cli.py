@@ -88,8 +88,8 @@ def _export(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from retro_dist.evaluate import evaluate_model, format_report
-    r = evaluate_model(args.model, args.dataset, split=args.split, batch_size=args.batch_size,
-                       max_samples=args.max_samples, num_neighbors=args.neighbors, seed=args.seed,
+    r = evaluate_model(args.model, args.dataset, split=args.split, batch_size=args.micro_batch,
+                       max_samples=args.max_samples, num_neighbors=args.num_neighbors, seed=args.seed,
                        device=resolve_device(args.device))
     print(json.dumps(r, indent=2) if args.json else format_report(r))
 
@@ -99,7 +99,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    max_new_tokens=args.max_new_tokens)
-    model, retriever = load_for_generation(args.model, args.dataset, num_neighbors=args.neighbors,
+    model, retriever = load_for_generation(args.model, args.dataset, num_neighbors=args.num_neighbors,
                                            device=resolve_device(args.device))
     prompt = retriever.tokenizer.encode(args.prompt, add_special_tokens=False).ids
     out = generate(model, retriever, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -113,10 +113,49 @@ def _neighbors(args: argparse.Namespace) -> None:
     print(json.dumps(report, ensure_ascii=False) if args.json else format_text(report, width=args.width))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as one line naming --help, not a usage block and a line."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(low: int):
+    """An int option's type: refuses values below `low` when parsed."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+class Deprecated(argparse.Action):
+    """An old spelling of an option: still works, with one line naming the new one."""
+
+    def __init__(self, option_strings, dest, *, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: {option_string} is deprecated: use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_option(parser: argparse.ArgumentParser, new: str, old: str, **kwargs) -> None:
+    parser.add_argument(new, **kwargs)
+    parser.add_argument(old, action=Deprecated, new=new, dest=kwargs.get("dest", new.lstrip("-").replace("-", "_")),
+                        type=kwargs.get("type"))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retro-dist", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="retro-dist", description=__doc__,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     from data_prep.pipeline import __doc__ as prepare_doc, add_prepare_arguments
     prepare = sub.add_parser("prepare", help="raw text -> retrieval dataset (tokenize, embed, index, neighbors, "
@@ -132,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="consolidate a checkpoint (any ZeRO stage) into one model directory")
     export.add_argument("run_dir", metavar="RUN", help="the run directory")
     export.add_argument("--out", help="output model directory (default: RUN/export)")
-    export.add_argument("--step", type=int, help="the checkpoint's step (default: the newest whole one)")
+    export.add_argument("--step", type=at_least(0), help="the checkpoint's step (default: the newest whole one)")
     export.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights dtype")
     export.add_argument("--max-shard-size", type=_size, default="2GB",
                         help="above this, model-0000K-of-0000N.safetensors + model.safetensors.index.json")
@@ -144,10 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="an exported model directory")
     evaluate.add_argument("--dataset", required=True, help="a dataset directory")
     evaluate.add_argument("--split", default="val")
-    evaluate.add_argument("--batch-size", type=int, default=4)
-    evaluate.add_argument("--max-samples", type=int, default=0, help="the first N samples (0: the whole split)")
-    evaluate.add_argument("--neighbors", type=int, default=None, help="neighbors per chunk (default: the dataset's)")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the random-neighbor draw")
+    add_option(evaluate, "--micro-batch", "--batch-size", type=at_least(1), default=4,
+               help="samples per forward (data.micro_batch in training)")
+    evaluate.add_argument("--max-samples", type=at_least(0), default=0, help="the first N samples (0: the whole split)")
+    add_option(evaluate, "--num-neighbors", "--neighbors", type=at_least(1), default=None,
+               help="neighbors per chunk (default: the dataset's)")
+    evaluate.add_argument("--seed", type=at_least(0), default=0, help="seed of the random-neighbor draw")
     evaluate.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     evaluate.add_argument("--device", default="auto", help=f"where the model runs: {CHOICES} (auto: a GPU if any)")
     evaluate.set_defaults(run=_eval)
@@ -157,12 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="an exported model directory")
     gen.add_argument("--dataset", required=True, help="the dataset (index, database, embedder) to retrieve from")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=at_least(0), default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy; sampling above 0")
-    gen.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens; 0 means no filter")
+    gen.add_argument("--top-k", type=at_least(0), default=0, help="sample among the K likeliest tokens; 0 means no filter")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 means no filter")
-    gen.add_argument("--neighbors", type=int, default=None, help="neighbors per chunk (default: the dataset's)")
-    gen.add_argument("--seed", type=int, default=0)
+    add_option(gen, "--num-neighbors", "--neighbors", type=at_least(1), default=None,
+               help="neighbors per chunk (default: the dataset's)")
+    gen.add_argument("--seed", type=at_least(0), default=0)
     gen.add_argument("--device", default="auto", help=f"where the model runs: {CHOICES} (auto: a GPU if any)")
     gen.set_defaults(run=_generate)
 
@@ -172,10 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(--db-chunk, its text only); neighbors print as chunk ‖ continuation.")
     nb.add_argument("--dataset", required=True, help="a dataset directory")
     nb.add_argument("--split", default="val", help="train or val (the database is train's chunk stream)")
-    nb.add_argument("--sample", type=int, help="every chunk of this sample of the split")
-    nb.add_argument("--chunk", type=int, help="this chunk id of the split's chunk stream")
-    nb.add_argument("--db-chunk", type=int, help="this chunk of the database: its text, no neighbors")
-    nb.add_argument("--width", type=int, default=200, help="cut each text to this many characters (0: no limit)")
+    nb.add_argument("--sample", type=at_least(0), help="every chunk of this sample of the split")
+    nb.add_argument("--chunk", type=at_least(0), help="this chunk id of the split's chunk stream")
+    nb.add_argument("--db-chunk", type=at_least(0), help="this chunk of the database: its text, no neighbors")
+    nb.add_argument("--width", type=at_least(0), default=200, help="cut each text to this many characters (0: no limit)")
     nb.add_argument("--json", action="store_true", help="print one JSON object (full texts) instead")
     nb.set_defaults(run=_neighbors)
 
@@ -188,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="format to write")
     convert.add_argument("--kwargs", help="JSON file of the RETRO-pytorch RETRO(...) kwargs; without it the "
                                           "config is read from the weights' shapes")
-    convert.add_argument("--chunk-size", type=int, default=64, help="chunk size, when inferring the config")
-    convert.add_argument("--pad-id", type=int, default=0, help="pad id, when inferring the config")
+    convert.add_argument("--chunk-size", type=at_least(1), default=64, help="chunk size, when inferring the config")
+    convert.add_argument("--pad-id", type=at_least(0), default=0, help="pad id, when inferring the config")
     convert.set_defaults(run=_convert)
     return parser
 
@@ -204,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"retro-dist {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

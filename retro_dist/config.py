@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ class OptimSection:
     warmup_steps: int = 20
     """Linear warmup steps."""
     weight_decay: float = 0.1
-    """AdamW weight decay (not applied to norms, biases, embeddings of position, null key/values)."""
+    """AdamW weight decay of matrices and embeddings (not of biases, norm scales, gates or null key/values)."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
     eps: float = 1e-8
@@ -76,7 +77,8 @@ class TrainSection:
     global_batch: int = 0
     """Samples per optimizer step over all ranks; 0 means micro_batch * world size (no accumulation)."""
     precision: str = "auto"
-    """`auto` (bf16 where supported, else fp32), `bf16`, `fp16` or `fp32`."""
+    """`auto` (what runs fast here: bf16 on GPUs with native bf16, else fp16; on CPUs bf16 with AMX or where a timed
+    matmul says so, else fp32), `bf16`, `fp16` or `fp32`."""
     zero_stage: int = 2
     """ZeRO stage 0-3; picks ds_configs/zero{N}.json unless ds_config is given."""
     ds_config: str = ""
@@ -96,7 +98,7 @@ class CheckpointSection:
     keep: int = 2
     """Whole checkpoints kept (older ones deleted)."""
     resume: str = "auto"
-    """`auto` (newest whole checkpoint in RUN/checkpoints if any), `none`, or a tag such as `step_00000100`."""
+    """`auto` (newest whole checkpoint in RUN/checkpoints if any), `none`, or a step: `100` or its tag `step_00000100`."""
 
 
 @dataclass
@@ -140,17 +142,27 @@ class RunConfig:
             raise ValueError(f"train.activation_checkpointing={ac!r} must be none, every or every:N")
         if self.data.on_bad_sample not in ("error", "skip"):
             raise ValueError(f"data.on_bad_sample={self.data.on_bad_sample!r} must be error or skip")
-        for name, value in (("train.steps", self.train.steps), ("data.micro_batch", self.data.micro_batch),
-                            ("checkpoint.every", self.checkpoint.every), ("checkpoint.keep", self.checkpoint.keep),
-                            ("logging.every", self.logging.every)):
-            if value < 1:
-                raise ValueError(f"{name}={value} must be at least 1")
+        for name, value, low in (
+                ("train.steps", self.train.steps, 1), ("data.micro_batch", self.data.micro_batch, 1),
+                ("checkpoint.every", self.checkpoint.every, 1), ("checkpoint.keep", self.checkpoint.keep, 1),
+                ("logging.every", self.logging.every, 1), ("data.num_workers", self.data.num_workers, 0),
+                ("data.num_neighbors", 1 if self.data.num_neighbors is None else self.data.num_neighbors, 1),
+                ("train.global_batch", self.train.global_batch, 0), ("train.seed", self.train.seed, 0),
+                ("train.dist_timeout_s", self.train.dist_timeout_s, 1), ("optim.warmup_steps", self.optim.warmup_steps, 0),
+                ("optim.weight_decay", self.optim.weight_decay, 0), ("optim.grad_clip", self.optim.grad_clip, 0),
+                ("logging.val_every", self.logging.val_every, 0), ("logging.val_samples", self.logging.val_samples, 0)):
+            if not value >= low:  # `not >=` also refuses nan
+                raise ValueError(f"{name}={value} must be at least {low}")
+        for name, value in (("optim.lr", self.optim.lr), ("optim.eps", self.optim.eps)):
+            if not value > 0:
+                raise ValueError(f"{name}={value} must be positive")
+        if not 0 <= self.optim.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio={self.optim.min_lr_ratio} must lie in [0, 1]")
+        if not all(0 <= b < 1 for b in self.optim.betas):
+            raise ValueError(f"optim.betas={list(self.optim.betas)} must each lie in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -219,9 +231,26 @@ def _json_or_str(value: Any) -> Any:
         return value
 
 
+# Keys renamed since runs were first configured: old spelling -> (new key, how the old value maps to it). Old configs
+# and scripts keep working, with one line on stderr naming the new key.
+RENAMED: dict[str, tuple[str, str]] = {
+    "logging.val_batches": ("logging.val_samples", "val_batches x data.micro_batch samples"),
+}
+
+
+def _renamed(key: str, value: Any, pending: list[tuple[str, Any]]) -> str | None:
+    """The new key for a renamed one (after a deprecation line), or None for a key that was not renamed."""
+    if key not in RENAMED:
+        return None
+    new, how = RENAMED[key]
+    print(f"retro-dist train: {key} is deprecated: use {new} ({how})", file=sys.stderr, flush=True)
+    pending.append((key, value))
+    return new
+
+
 def load_run_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then the YAML/JSON file, then `section.key=value` overrides (later wins)."""
-    config = RunConfig()
+    config, renamed = RunConfig(), []
     if path:
         text = Path(path).read_text()
         if path.endswith((".yaml", ".yml")):
@@ -232,11 +261,23 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None)
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a mapping of sections")
         for key, value in data.items():
-            _set(config, [key], value, key)
+            if isinstance(value, dict):
+                for sub, sub_value in value.items():
+                    _set_key(config, f"{key}.{sub}", sub_value, renamed)
+            else:
+                _set(config, [key], value, key)
     for item in overrides or []:
         key, sep, value = item.removeprefix("--").partition("=")
         if not sep:
             raise ValueError(f"override {item!r} must look like --section.key=value")
-        _set(config, key.split("."), value, key)
+        _set_key(config, key, value, renamed)
+    for key, value in renamed:  # after every other key: the mapping reads data.micro_batch
+        if key == "logging.val_batches":
+            config.logging.val_samples = _coerce(value, int, key) * config.data.micro_batch
     config.validate()
     return config
+
+
+def _set_key(config: RunConfig, key: str, value: Any, renamed: list[tuple[str, Any]]) -> None:
+    if _renamed(key, value, renamed) is None:
+        _set(config, key.split("."), value, key)

@@ -1,11 +1,14 @@
-"""`retro-dist convert` through the installed console script: both directions, and one-line errors."""
+"""`retro-dist` through the installed console script: convert both ways, one-line errors, numbers range-checked
+when parsed, old option spellings."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from retro_dist import RETRO
@@ -79,3 +82,42 @@ def test_arch_keys_of_the_dataset_are_refused_in_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "model.arch.dec_depht is not a model setting; valid keys: enc_dim" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["eval", "--micro-batch", "-1"], "argument --micro-batch: must be at least 1, got -1"),
+    (["eval", "--max-samples", "-5"], "argument --max-samples: must be at least 0, got -5"),
+    (["eval", "--num-neighbors", "0"], "argument --num-neighbors: must be at least 1, got 0"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "-1"], "argument --max-new-tokens: must be at least 0"),
+    (["neighbors", "--sample", "-2"], "argument --sample: must be at least 0, got -2"),
+    (["export", "RUN", "--step", "-1"], "argument --step: must be at least 0, got -1"),
+])
+def test_numbers_are_range_checked_when_parsed(args, message, tmp_path):
+    required = [] if args[0] == "export" else ["--dataset", str(tmp_path)] + (
+        [] if args[0] == "neighbors" else ["--model", str(tmp_path)])
+    result = subprocess.run([sys.executable, "-m", "retro_dist.cli", *args, *required], capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_old_option_spellings_still_work_with_one_line(tmp_path):
+    from retro_dist.config import load_run_config
+    run = load_run_config(None, ["--data.dataset=d", "--data.micro_batch=4", "--logging.val_batches=3"])
+    assert run.logging.val_samples == 12
+    result = subprocess.run([sys.executable, "-m", "retro_dist.cli", "eval", "--model", str(tmp_path / "m"),
+                             "--dataset", str(tmp_path), "--neighbors", "2", "--batch-size", "2"],
+                            capture_output=True, text=True)
+    assert "--neighbors is deprecated: use --num-neighbors" in result.stderr
+    assert "--batch-size is deprecated: use --micro-batch" in result.stderr
+    assert "config.json is missing" in result.stderr  # parsing went on to the model directory
+
+
+def test_config_numbers_are_range_checked():
+    from retro_dist.config import load_run_config
+    for bad, message in (("--optim.lr=0", "optim.lr=0.0 must be positive"),
+                         ("--logging.val_samples=-5", "logging.val_samples=-5 must be at least 0"),
+                         ("--data.num_workers=-1", "data.num_workers=-1 must be at least 0"),
+                         ("--optim.min_lr_ratio=1.5", "optim.min_lr_ratio=1.5 must lie in [0, 1]")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_run_config(None, ["--data.dataset=d", bad])

@@ -246,3 +246,10 @@ def test_eval_and_generate_take_a_device(command, tmp_path, capsys):
                  *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--device cuda:99" in err[0], err
+
+
+def test_fp16_loss_scale_is_read_from_every_deepspeed_optimizer():
+    """ZeRO 0 with torch's AdamW under fp16 gives DeepSpeed's unfused optimizer, whose scale is in its config."""
+    from retro_dist.train.trainer import loss_scale
+    assert loss_scale(SimpleNamespace(loss_scale_config=SimpleNamespace(cur_scale=512.0))) == 512.0
+    assert loss_scale(SimpleNamespace(cur_scale=1024.0)) == 1024.0

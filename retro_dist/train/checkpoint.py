@@ -94,8 +94,9 @@ class Checkpointer:
             return None
         if mode == "auto":
             return newest_whole(self.dir) if self.dir.is_dir() else None
-        read_meta(self.dir, mode)
-        return mode
+        tag = tag_for(int(mode)) if mode.isdigit() else mode
+        read_meta(self.dir, tag)
+        return tag
 
     def prepare_resume(self, mode: str, world_size: int, *, timeout_s: float) -> ResumePoint | None:
         """Where this run resumes, before the engine exists (the engine's config depends on it). A checkpoint saved by

@@ -57,6 +57,13 @@ def votes_every(step_s: float, *, asynchronous: bool) -> int:
     return max(1, min(MAX_VOTE_EVERY, int(VOTE_WINDOW_S / step_s)))
 
 
+def loss_scale(optimizer) -> float:
+    """fp16's current loss scale: ZeRO 1-3 and the fused optimizer keep it as `cur_scale`, ZeRO 0's unfused optimizer
+    (torch's AdamW under fp16) in its `loss_scale_config`."""
+    config = getattr(optimizer, "loss_scale_config", None)
+    return float(config.cur_scale if config is not None else optimizer.cur_scale)
+
+
 class StopFlag:
     """Set by SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption); checked between steps."""
 
@@ -210,7 +217,7 @@ class Trainer:
             "data/skipped_samples": skipped,
         }
         if self.precision == "fp16":
-            values["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
+            values["train/loss_scale"] = loss_scale(self.engine.optimizer)
         return values
 
     def validate(self) -> dict[str, float]:
