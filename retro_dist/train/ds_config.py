@@ -33,10 +33,10 @@ class BatchPlan:
         return self.micro_batch * self.accumulation * self.world_size
 
 
-def batch_plan(global_batch: int, micro_batch: int, world_size: int, streams: int | None = None) -> BatchPlan:
-    """micro_batch x accumulation x world_size = global batch, with `streams` canonical loader streams (default
-    gcd(global batch, 8); a resumed run passes its recorded count) that the world size divides and that divide the
-    global batch. Bad numbers are one line naming the ones that work."""
+def batch_plan(global_batch: int, micro_batch: int, world_size: int) -> BatchPlan:
+    """micro_batch x accumulation x world_size = global batch, with the loader's default canonical streams for it
+    (a resumed run's loader keeps the count its checkpoint recorded). Bad numbers are one line naming the ones that
+    work."""
     from retro_dist.data.loader import check_streams, default_streams  # the loader owns the stream rules
 
     per_step = micro_batch * world_size
@@ -47,7 +47,7 @@ def batch_plan(global_batch: int, micro_batch: int, world_size: int, streams: in
         raise ValueError(f"train.global_batch={global_batch} is not a multiple of data.micro_batch={micro_batch} x "
                          f"{world_size} ranks = {per_step}; pick a global batch that is, or a micro batch of "
                          f"{', '.join(map(str, share)) or 'none: use fewer ranks'}")
-    streams = streams or default_streams(global_batch, world_size)
+    streams = default_streams(global_batch, world_size)
     check_streams(global_batch, streams, world_size, micro_batch)
     return BatchPlan(micro_batch, global_batch // per_step, world_size, streams)
 
