@@ -53,6 +53,15 @@ def test_step0_logits_equal_the_base_whatever_the_neighbors(base_dir):
     assert torch.equal(loss, expected)
 
 
+def test_a_sequence_shorter_than_a_chunk_reads_nothing(base_dir):
+    """No chunk complete (what uncached generation passes first): retrieved [b, 0, r, m], the base's logits."""
+    model = _model(base_dir).eval()
+    seq, _ = _batch(model.config.num_tokens)
+    with torch.no_grad():
+        assert torch.equal(model(seq[:, :10], torch.zeros((2, 0, NEIGHBORS, 2 * CHUNK), dtype=torch.long)),
+                           model(seq[:, :10]))
+
+
 def test_a_step_on_the_new_weights_reads_the_neighbors(base_dir):
     """One optimizer step on the CCA and encoder: logits then depend on the neighbors, only at positions after the
     first chunk's last token, and stay the base's with retrieval off."""

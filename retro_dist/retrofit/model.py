@@ -232,11 +232,13 @@ class RetrofitRETRO(nn.Module):
 
     def _cca_full(self, layer: int, x: Tensor, state: _Pass) -> Tensor:
         c, inputs = self.config, state.inputs
+        b, r = x.shape[0], inputs.num_neighbors
+        k = state.embedded.shape[0] // (b * r)
+        if k == 0:
+            return x  # no chunk complete: CCA adds zeros
         if state.encoded is None:  # the encoder runs once, at the first CCA layer, on that layer's hidden states
-            b, r = x.shape[0], inputs.num_neighbors
-            k = state.embedded.shape[0] // (b * r)
             chunks = rearrange(x[:, : k * c.chunk_size], "b (k n) d -> (b k) n d", k=k)
-            encoded = self.encoder(state.embedded, chunks, inputs=inputs) if k > 0 else state.embedded
+            encoded = self.encoder(state.embedded, chunks, inputs=inputs)
             state.encoded = rearrange(encoded, "(b k r) m d -> b k r m d", b=b, r=r)
         return self.cca[str(layer)](x, state.encoded, q_rope=inputs.cca_q_rope, k_rope=inputs.cca_k_rope,
                                     bias=inputs.cca_bias)
