@@ -156,16 +156,16 @@ def config_keys() -> tuple[frozenset[str], dict[str, frozenset[str] | None]]:
 
 def config_key_problem(key: str, value: str | None) -> str | None:
     """None if `key` (e.g. `train.global_batch`, `model.arch.dec_depth`) is a run-config key, else why not. A key
-    the config does not declare still passes when load_run_config takes it with the documented value (an alias)."""
+    the config does not declare still passes when load_run_config takes it (an old spelling it maps onto a key)."""
     keys, dicts = config_keys()
     head, _, sub = key.rpartition(".")
     if key in keys or (head in dicts and (dicts[head] is None or sub in dicts[head])):
         return None
-    if value is not None and head not in dicts:
+    if head not in dicts:  # an old spelling that load_run_config maps onto a key, with the documented value or 1
         from retro_dist.config import load_run_config
         try:
             with contextlib.redirect_stderr(io.StringIO()):
-                load_run_config(None, ["--data.dataset=x", f"--{key}={value}"])
+                load_run_config(None, ["--data.dataset=x", f"--{key}={value if value is not None else 1}"])
             return None
         except ValueError:
             pass
