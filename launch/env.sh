@@ -19,9 +19,10 @@ retro_rank_env() {
   if [ "$1" = cpu ]; then
     # DeepSpeed finds its CPU accelerator by itself; naming it silences a warning
     export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
-    # glibc keeps freed activation buffers below its dynamic mmap threshold (up to 32 MB) in the heap: a CPU rank's
-    # RSS then holds every step's peak. A fixed 64 KiB threshold gives them back (ZeRO-3 step of a 103M model on 2
-    # ranks: 1.82 GB per rank against 2.93). GPU ranks keep activations on the GPU: left alone there.
+    # glibc keeps freed activation buffers below its dynamic mmap threshold (up to 32 MiB) in the heap: a CPU rank's
+    # RSS then holds every step's peak. A fixed 64 KiB threshold gives them back (a ZeRO-3 bf16 step of the 48.5M
+    # reference preset on 2 ranks: 1.16 GB per rank against 1.84), for more CPU time in the kernel re-faulting them
+    # (MALLOC_MMAP_THRESHOLD_=33554432 behaves like glibc's default). GPU ranks keep activations on the GPU.
     export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-65536}
   else
     # a failed or timed-out NCCL collective aborts its communicator and ends the rank, so the launcher sees a failure
