@@ -3,25 +3,17 @@ when parsed, old option spellings."""
 
 import json
 import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from retro_dist import RETRO
+from tests.train_helpers import cli
 
 KWARGS = dict(num_tokens=100, max_seq_len=64, enc_dim=32, enc_depth=1, dec_dim=64, dec_depth=2,
               dec_cross_attn_layers=(2,), dim_head=32, chunk_size=8)
-
-
-def cli(*args):
-    # the console script installed beside this interpreter (the venv need not be on PATH)
-    exe = shutil.which("retro-dist", path=str(Path(sys.executable).parent))
-    assert exe, "the retro-dist console script is not installed (pip install -e .)"
-    return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
 def test_convert_both_ways(retro_pytorch, tmp_path):

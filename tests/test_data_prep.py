@@ -17,6 +17,7 @@ from data_prep.neighbors import exclusion_ranges
 from data_prep.pipeline import main as prepare
 from retro_dist.data.format import Layout, load_manifest
 from data_prep.corpora import stdlib_docstrings, write_corpus
+from tests.dataset_checks import assert_no_leak
 
 OPTS = ["--vocab-size", "600", "--chunk-size", "16", "--seq-len", "64", "--embedder", "hash-256",
         "--val-fraction", "0.1", "--num-neighbors", "3", "--shard-samples", "20", "--block-size", "256"]
@@ -85,28 +86,8 @@ def test_shards_read_back(dataset):
         assert seen == m["counts"][split]["samples"]
 
 
-def _assert_no_leak(dataset):
-    m, layout = load_manifest(dataset), Layout(dataset)
-    docs = np.load(layout.chunk_docs("train"))
-    neighbors = np.load(layout.neighbors("train"))
-    k, n = m["seq_len"] // m["chunk_size"], len(docs)
-    for c in range(n):
-        s = c // k
-        if s < m["counts"]["train"]["samples"]:
-            lo, label = docs[s * k, 0], (s + 1) * k
-            hi = docs[label, 0] if label < n else docs[-1, 1]
-        else:
-            lo, hi = docs[c]
-        for j in neighbors[c]:
-            if j < 0:
-                continue
-            span = (docs[j, 0], docs[min(j + 1, n - 1), 1])
-            assert span[1] < lo or span[0] > hi, f"chunk {c} (docs {lo}..{hi}) retrieved {j} (docs {span})"
-    return neighbors
-
-
 def test_no_leakage(dataset):
-    neighbors = _assert_no_leak(dataset)
+    neighbors = assert_no_leak(dataset)
     assert (neighbors >= 0).mean() > 0.99
 
 
@@ -167,7 +148,7 @@ def test_planted_duplicates_are_found_but_own_documents_are_not(tmp_path, docs):
     for i, d in enumerate(planted):
         (tmp_path / "corpus" / f"zcopy{i}.txt").write_text(d)
     assert build(corpus, tmp_path / "ds", "--val-fraction", "0") == 0
-    neighbors = _assert_no_leak(tmp_path / "ds")
+    neighbors = assert_no_leak(tmp_path / "ds")
     docs_of = np.load(Layout(tmp_path / "ds").chunk_docs("train"))
     n = len(docs_of)
     # files sort as doc00000.. then zcopy0..: planted document i has id 60 + i, its copy 60 + len(planted) + i

@@ -17,6 +17,7 @@ import pytest
 
 from data_prep.corpora import stdlib_docstrings, write_corpus
 from data_prep.pipeline import main as prepare
+from tests.mpi_helpers import MPI_ENV, MPIRUN
 from tests.train_helpers import ROOT, children, env, tiny_args, torchrun_cmd
 
 pytestmark = pytest.mark.slow
@@ -171,13 +172,9 @@ def test_a_second_training_on_the_run_directory_is_refused_and_the_first_goes_on
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
 
 
-MPIRUN = shutil.which("mpirun")
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_btl": "self,tcp",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
 
 
-@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.skipif(
-    MPIRUN is None, reason="mpirun not installed (apt-get install openmpi-bin; .ci/run does)"))])
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.mpi)])
 def test_a_second_prepare_on_the_dataset_is_refused_in_one_line(corpus, tmp_path, ranks):
     out = tmp_path / "ds"
     log = tmp_path / "first.log"

@@ -4,9 +4,7 @@ re-ranking, memory-mapped loading, and the index stage filled by 2 ranks equal t
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import shutil
 import subprocess
 import sys
 import threading
@@ -26,6 +24,7 @@ from retro_dist.data.format import Layout, save_npy
 from retro_dist.retrieval import build_index, get_embedder, load_index, save_index, search
 from retro_dist.retrieval.index import (EXACT_MAX, HNSW_M, MAX_BYTES_PER_CHUNK, NLIST_MAX, RERANK_DEPTHS,
                                         ROWS_PER_LIST, default_factory, ivf_nlist, pq_size)
+from tests.mpi_helpers import MPIRUN, mpi_env
 from retro_dist.retrieval.tuning import exact_top_scores, measure_recall, recall_sample, tune_search
 
 
@@ -313,14 +312,13 @@ if world.is_main:
 """
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (apt-get install openmpi-bin)")
+@pytest.mark.mpi
 def test_mpirun_two_ranks_equal_one(tmp_path, text_embeddings):
     dataset(tmp_path / "one", text_embeddings[:20_000])
     dataset(tmp_path / "mpi", text_embeddings[:20_000])
     _, facts = run_stage(tmp_path / "one", **OPTIONS)
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1",
-           "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
-    result = subprocess.run([shutil.which("mpirun"), "-np", "2", sys.executable, "-c", STAGE_ALONE,
+    env = mpi_env(OMP_NUM_THREADS="1")
+    result = subprocess.run([MPIRUN, "-np", "2", sys.executable, "-c", STAGE_ALONE,
                              str(tmp_path / "mpi"), json.dumps(OPTIONS)], env=env, capture_output=True, text=True,
                             timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-3000:]

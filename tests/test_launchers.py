@@ -15,6 +15,7 @@ import pytest
 from data_prep.corpora import stdlib_docstrings, write_corpus
 from data_prep.pipeline import main as prepare
 from tests import slurm_cluster
+from tests.dataset_checks import MPI_PREP_OPTS as OPTS, assert_same_dataset
 from tests.train_helpers import ROOT, children, env, free_port, kill_tree, losses
 
 pytestmark = pytest.mark.slow
@@ -72,7 +73,7 @@ def test_two_nodes_emulated_equal_one_node(dataset, local_losses, tmp_path):
     assert losses(outputs[0][0]) == local_losses
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (apt-get install openmpi-bin)")
+@pytest.mark.mpi
 def test_mpirun_two_ranks(dataset, local_losses, tmp_path):
     result = launch("mpirun.sh", run_args(dataset, tmp_path / "mpi run"), {"NP": "2", "MASTER_PORT": str(free_port())})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -153,11 +154,7 @@ def test_bad_hostfile_is_one_line_naming_file_and_line(content, node_rank, messa
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    if not slurm_cluster.available():
-        pytest.skip("SLURM packages are not installed (apt-get install slurmctld slurmd slurm-client munge; "
-                    ".ci/run does)")
-    if os.geteuid() != 0:
-        pytest.skip("starting slurmd and munged as this test does needs root")
+    """A two-node SLURM cluster on this machine (tests using it carry the `slurm` marker: see conftest.py)."""
     with slurm_cluster.cluster(Path("/tmp") / f"retro-slurm-{os.getpid()}") as cluster_env:
         yield cluster_env
 
@@ -274,7 +271,6 @@ def test_slurm_signal_checkpoints_requeues_and_resumes(dataset, uninterrupted_lo
 
 def test_slurm_prepare_job_equals_one_process(slurm, tmp_path):
     """launch/slurm/prepare.sbatch: data_prep over 2 nodes (srun --mpi=pmix, mpi4py), same bytes as one process."""
-    from tests.test_data_prep_mpi import OPTS, assert_same_dataset
     corpus = write_corpus(tmp_path / "corpus", stdlib_docstrings(120))
     assert prepare(["--input", str(corpus), "--out", str(tmp_path / "single"), *OPTS]) == 0
     out = tmp_path / "job.out"

@@ -14,12 +14,12 @@ from data_prep.blocks import compute_blocks
 from data_prep.config import PrepareConfig
 from data_prep.corpora import stdlib_docstrings, write_corpus
 from data_prep.parallel import World
+from tests.mpi_helpers import MPIRUN, mpi_env
 from data_prep.pipeline import main as prepare
 from data_prep.stage import StageContext
 from retro_dist.data.format import load_manifest, save_npy
 
 ROWS, WIDTH = 1000, 3
-MPIRUN = shutil.which("mpirun")
 SKIP = ("manifest.json", ".lock")  # wall times differ; the lock records each run's holder
 OPTS = ["--vocab-size", "500", "--chunk-size", "16", "--seq-len", "64", "--embedder", "hash-128",
         "--val-fraction", "0.1", "--num-neighbors", "2", "--block-size", "100", "--shard-samples", "10"]
@@ -95,7 +95,7 @@ def test_blocks_shape_change_starts_over(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), rows(0, ROWS)[:, :2].astype(np.float16))
 
 
-@pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (apt-get install openmpi-bin; .ci/run does)")
+@pytest.mark.mpi
 def test_neighbors_and_shard_on_two_ranks_equal_one(tmp_path):
     """Redo neighbors and shard under mpirun -np 2 on a dataset one process made: the same bytes, rank 0 did its
     share only."""
@@ -106,8 +106,7 @@ def test_neighbors_and_shard_on_two_ranks_equal_one(tmp_path):
     shutil.copytree(single, parallel)
     shutil.rmtree(parallel / "shards")
     (parallel / "train" / "neighbors.npy").unlink()
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_btl": "self,tcp", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+    env = mpi_env()
     result = subprocess.run([MPIRUN, "-np", "2", sys.executable, "-m", "data_prep", "--stage", "neighbors",
                              "--stage", "shard", "--force", "--out", str(parallel)], env=env, capture_output=True,
                             text=True, timeout=300)

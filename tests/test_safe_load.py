@@ -12,7 +12,7 @@ import torch
 
 from retro_dist.train.safe_load import UnsafeCheckpoint, safe_torch_load
 
-from tests.test_cli import cli
+from tests.train_helpers import cli
 
 
 class Evil:

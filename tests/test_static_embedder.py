@@ -7,10 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,10 +18,9 @@ from data_prep.pipeline import main as prepare
 from retro_dist.data.format import Layout, load_manifest
 from retro_dist.retrieval import embedder_record, get_embedder
 from retro_dist.retrieval.static import StaticEmbedder, cache_dir
+from tests.dataset_checks import assert_no_leak
+from tests.mpi_helpers import MPI_ENV, MPIRUN
 
-MPIRUN = shutil.which("mpirun")
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_btl": "self,tcp",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
 TEXTS = ["The cat sat on the mat.", "", "   ", "Return the sum of two numbers, raising ValueError on overflow.",
          "A socket is an endpoint for sending and receiving data across a network.", "naïve café ☃ 東京"]
 # prints the sha256 of the vectors of the texts in argv[1] (JSON) and where the table came from
@@ -90,7 +87,7 @@ def test_two_processes_offline_give_identical_vectors(static):
         assert json.loads(result.stdout.splitlines()[-1])["vectors"] == want
 
 
-@pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (apt-get install openmpi-bin; .ci/run does)")
+@pytest.mark.mpi
 def test_mpi_ranks_build_one_table_identical_to_the_cached_one(static, tmp_path):
     """Two ranks start on an empty cache: one distils the table while the other waits on its lock, and the fresh
     build (other threads, other process) has the very bytes of the cached one, so both ranks' vectors match."""
@@ -110,16 +107,15 @@ OPTS = ["--vocab-size", "600", "--chunk-size", "16", "--seq-len", "64", "--embed
         "--val-fraction", "0.1", "--num-neighbors", "3", "--shard-samples", "20", "--block-size", "256"]
 
 
-@pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (apt-get install openmpi-bin; .ci/run does)")
+@pytest.mark.mpi
 def test_dataset_has_no_leakage_and_the_same_bytes_on_two_ranks(static, tmp_path):
-    from tests.test_data_prep import _assert_no_leak
 
     corpus = write_corpus(tmp_path / "corpus", stdlib_docstrings(150))
     single = tmp_path / "single"
     assert prepare(["--input", str(corpus), "--out", str(single), *OPTS]) == 0
     m = load_manifest(single)
     assert m["embedder"] == embedder_record(static)
-    neighbors = _assert_no_leak(single)
+    neighbors = assert_no_leak(single)
     assert (neighbors >= 0).mean() > 0.99
     # the embeddings are the embedder's own rows (float16), and its vectors retrieve what MiniLM-like vectors would
     emb = np.load(Layout(single).embeddings("train"))

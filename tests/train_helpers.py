@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,13 @@ def env() -> dict[str, str]:
     import torch
     extra = {} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"}  # only silences a warning on CPU
     return {**os.environ, **extra, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    """`retro-dist ARGS` through the console script installed beside this interpreter."""
+    exe = shutil.which("retro-dist", path=str(Path(sys.executable).parent))
+    assert exe, "the retro-dist console script is not installed (pip install -e .)"
+    return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
 def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
