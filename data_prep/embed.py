@@ -7,7 +7,6 @@ MiniLM runs on this rank's GPU where there is one (ranks on a node take the GPUs
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from retro_dist.data.format import Layout, load_npy
@@ -16,17 +15,14 @@ from retro_dist.retrieval.embedders import embedder_record, get_embedder
 from .blocks import compute_blocks
 from .stage import StageContext
 
-_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "LOCAL_RANK")
-
-
 def device() -> str:
     """'cuda:N' for this rank's share of the node's GPUs, or 'cpu' where torch sees none."""
     import torch
 
     if not torch.cuda.is_available():
         return "cpu"
-    local_rank = int(next((os.environ[v] for v in _LOCAL_RANK_VARS if v in os.environ), "0"))
-    return f"cuda:{local_rank % torch.cuda.device_count()}"
+    from retro_dist.launch_env import local_rank
+    return f"cuda:{local_rank() % torch.cuda.device_count()}"
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

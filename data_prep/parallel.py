@@ -6,24 +6,16 @@ the number of ranks. Waiting ranks sleep instead of spinning (Open MPI's barrier
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, TypeVar
+
+from retro_dist.launch_env import launched_by_mpi
 
 T = TypeVar("T")
 
 
 class PrepError(RuntimeError):
     """A stage could not finish (on this rank or another): `retro-dist prepare` prints it as one line."""
-
-_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
-
-
-def _launched_by_mpi() -> bool:
-    if any(int(os.environ.get(v, "1")) > 1 for v in _MPI_SIZE_VARS):
-        return True
-    # srun without an MPI launcher still gives SLURM_* variables; mpi4py needs PMI to join them into one world
-    return (int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "PMI_FD" in os.environ) or "PMIX_RANK" in os.environ
 
 
 class World:
@@ -32,7 +24,7 @@ class World:
     def __init__(self) -> None:
         self.comm = None
         self.rank, self.size = 0, 1
-        if _launched_by_mpi():
+        if launched_by_mpi():
             try:
                 from mpi4py import MPI
             except ImportError as e:

@@ -1,7 +1,8 @@
 """Rank discovery and process-group setup for every launcher: deepspeed/torchrun, SLURM's srun, mpirun.
 
-One function, `init_distributed`, reads whichever environment it finds, maps it onto RANK / WORLD_SIZE /
-LOCAL_RANK / MASTER_ADDR / MASTER_PORT (the names torch and DeepSpeed read), and initialises the process group with
+One function, `init_distributed`, reads whichever launcher environment it finds (retro_dist.launch_env, shared with
+data_prep), maps it onto RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (the names torch and DeepSpeed
+read), and initialises the process group with
 the backend of the device (nccl on GPU, gloo on CPU) and a timeout, so that a dead rank fails the others instead of
 hanging them. Under SLURM it never lets every task believe it is rank 0 of 1 (DeepSpeed never reads SLURM_*).
 
@@ -16,21 +17,13 @@ import datetime
 import ipaddress
 import os
 import socket
-import subprocess
 from dataclasses import dataclass
 
 import torch
 
+from retro_dist.launch_env import DistInitError, discover, free_port
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now (for MASTER_PORT on one machine)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class DistInitError(RuntimeError):
-    """The process group could not be formed: one line naming the rendezvous and what to check."""
+__all__ = ["DistInfo", "DistInitError", "cuda_device", "discover", "free_port", "init_distributed"]
 
 
 @dataclass(frozen=True)
@@ -41,70 +34,6 @@ class DistInfo:
     device: torch.device
     backend: str
     launcher: str
-
-
-def _first_slurm_host(nodelist: str) -> str:
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
-        if out.returncode == 0 and out.stdout.split():
-            return out.stdout.split()[0]
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    head = nodelist.split(",")[0]
-    if "[" in head:  # node[1-4,7] -> node1 without scontrol
-        prefix, rest = head.split("[", 1)
-        head = prefix + rest.split("-")[0].split(",")[0].rstrip("]")
-    return head
-
-
-def discover(env: dict[str, str] | None = None) -> tuple[dict[str, str], str]:
-    """The torch-style variables for this process, and the name of the launcher they came from."""
-    env = dict(os.environ if env is None else env)
-    # The launcher that started this process wins. mpirun inside an sbatch/salloc allocation leaves SLURM_PROCID in
-    # place (the batch step's, or that of the srun that started Open MPI's daemons: the same on several ranks), so
-    # MPI variables that disagree with SLURM's come from mpirun; where they agree, srun started the process.
-    mpi_rank = env.get("OMPI_COMM_WORLD_RANK") or env.get("PMI_RANK")
-    mpi_size = env.get("OMPI_COMM_WORLD_SIZE") or env.get("PMI_SIZE")
-    slurm = "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env
-    srun_started = slurm and (mpi_rank, mpi_size) in ((None, None), (env.get("SLURM_PROCID"), env.get("SLURM_NTASKS")))
-    if "RANK" in env and "WORLD_SIZE" in env:
-        launcher = "torch"
-        mapped = {"RANK": env["RANK"], "WORLD_SIZE": env["WORLD_SIZE"], "LOCAL_RANK": env.get("LOCAL_RANK", "0")}
-    elif mpi_rank is not None and not srun_started:
-        launcher = "mpi"
-        if mpi_size is None:
-            raise DistInitError("under MPI but the world size is not in the environment (OMPI_COMM_WORLD_SIZE / "
-                               "PMI_SIZE); launch with mpirun -np N")
-        mapped = {"RANK": mpi_rank, "WORLD_SIZE": mpi_size,
-                  "LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK") or env.get("MPI_LOCALRANKID", "0")}
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        if "MASTER_ADDR" not in env and slurm and nodelist:  # mpirun in an allocation places rank 0 on its first node
-            mapped["MASTER_ADDR"] = _first_slurm_host(nodelist)
-    elif slurm:
-        launcher = "slurm"
-        mapped = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
-                  "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
-        if "MASTER_ADDR" not in env:
-            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-            if not nodelist:
-                raise DistInitError("under SLURM but SLURM_JOB_NODELIST is not set: cannot find the rendezvous host")
-            mapped["MASTER_ADDR"] = _first_slurm_host(nodelist)
-        if "MASTER_PORT" not in env:
-            mapped["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
-    elif "PMIX_RANK" in env:
-        raise DistInitError("under PMIx (PMIX_RANK) but no world size in the environment: launch with mpirun -np N, "
-                           "srun, or torchrun")
-    else:
-        launcher = "single"
-        mapped = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-        if "MASTER_PORT" not in env:
-            mapped["MASTER_PORT"] = str(free_port())
-    if int(mapped["WORLD_SIZE"]) > 1 and "MASTER_ADDR" not in env and "MASTER_ADDR" not in mapped:
-        raise DistInitError(f"{int(mapped['WORLD_SIZE'])} ranks from the {launcher} launcher but no MASTER_ADDR: set "
-                           f"MASTER_ADDR (the first host) and MASTER_PORT, or use a launch/ script")
-    mapped.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
-    mapped.setdefault("MASTER_PORT", env.get("MASTER_PORT", "29500"))
-    return mapped, launcher
 
 
 def loopback_host(addr: str) -> str | None:

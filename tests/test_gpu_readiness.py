@@ -50,6 +50,16 @@ def test_torchrun_inside_an_allocation_takes_torch_ranks():
     assert launcher == "torch" and mapped["RANK"] == "5"
 
 
+def test_data_prep_reads_the_same_launchers():
+    """data_prep (mpi4py ranks, the GPU to embed on) and training read one module: mpirun inside an allocation gives
+    each rank its own local rank, not SLURM's."""
+    from retro_dist.launch_env import launched_by_mpi, local_rank
+    mpirun = SBATCH | {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
+    assert launched_by_mpi(mpirun) and local_rank(mpirun) == 1
+    assert not launched_by_mpi(SBATCH) and local_rank(SBATCH) == 0
+    assert launched_by_mpi(SBATCH | {"SLURM_NTASKS": "2", "PMIX_RANK": "1"})  # srun --mpi=pmix
+
+
 def test_mpi_without_a_world_size_is_one_line():
     with pytest.raises(DistInitError, match="world size"):
         discover({"PMIX_RANK": "0"})

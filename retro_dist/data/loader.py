@@ -38,7 +38,6 @@ are re-derived from the manifest's sample counts, so a resume on any world size,
 from __future__ import annotations
 
 import math
-import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +112,9 @@ def join(parts: list[torch.Tensor], *, pin: bool) -> torch.Tensor:
 def world_from_env() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    from retro_dist.launch_env import discover
+    mapped, _ = discover()
+    return int(mapped["RANK"]), int(mapped["WORLD_SIZE"])
 
 
 def check_compatible(manifest: dict[str, Any], config) -> None:
