@@ -30,8 +30,10 @@ system-packages:
 test: system-packages $(STAMP)
 	$(PY) -m pytest -q
 
+# the unit and equivalence tests: no multi-process runs (under 5 minutes on 2 cores); prints its time
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	@start=$$(date +%s); $(PY) -m pytest -q -m "not slow" --durations=10; rc=$$?; \
+	  echo "make test-fast: $$(( $$(date +%s) - start )) s"; exit $$rc
 
 bench: $(STAMP)
 	$(PY) bench/model_step.py
