@@ -57,8 +57,11 @@ def build_retrofit(settings: RetrofitConfig, config: RetroConfig, ds_config: dic
         import deepspeed
         from transformers import AutoModelForCausalLM
 
+        base_config = read_base_config(settings.base)
+        with torch.device("meta"):  # imports the family's modules and torch._dynamo before zero.Init patches
+            AutoModelForCausalLM.from_config(base_config)  # Tensor.__new__, which torch._dynamo's polyfills refuse
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            base = AutoModelForCausalLM.from_config(read_base_config(settings.base), dtype=torch.float32)
+            base = AutoModelForCausalLM.from_config(base_config, dtype=torch.float32)
             torch.manual_seed(seed)
             model = RetrofitRETRO(base, settings, config)
         load_partitioned(base, Path(settings.base))

@@ -146,12 +146,13 @@ def check_section(section: Any) -> None:
     retro_config(settings, read_base_config(settings.base), max_seq_len=1, chunk_size=1, pad_id=0)
 
 
-def zero_output(module: nn.Module) -> None:
-    """Zero the output projection of a chunked cross-attention: its residual branch adds exactly 0 at step 0.
-    Runs through `Module.apply`, which DeepSpeed's zero.Init gathers one module at a time."""
-    if isinstance(module, ChunkedCrossAttention):
-        nn.init.zeros_(module.attn.to_out.weight)
-        nn.init.zeros_(module.attn.to_out.bias)
+def zero_linear(module: nn.Module) -> None:
+    """Zero a Linear's weight and bias. Run through `Module.apply` on the Linear itself: DeepSpeed's zero.Init
+    gathers the parameters of the module `apply` visits, its own only, not its children's."""
+    if isinstance(module, nn.Linear):
+        nn.init.zeros_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 @dataclass
@@ -196,7 +197,8 @@ class RetrofitRETRO(nn.Module):
                                                        dim_head=config.dim_head, dropout=config.dec_attn_dropout),
                                  norm(), post_norm=False, scale_residual=1.0)
             for layer in config.dec_cross_attn_layers})
-        self.cca.apply(zero_output)
+        for block in self.cca.values():  # CCA's residual branch adds exactly 0 at step 0
+            block.fn.attn.to_out.apply(zero_linear)
         self.rotary = Rotary()
         number_sites(self)
         self._pass: _Pass | None = None
