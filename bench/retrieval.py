@@ -12,9 +12,9 @@ test: timings on shared machines are noisy, so each timed step runs `--repeats` 
     python bench/retrieval.py --neighbors-growth SMALL_DS LARGE_DS  # the neighbors stage's cost per query
 
 `--neighbors-growth` runs the neighbors stage's own search (exclusion ranges, the tuned nprobe and re-rank depth
-from the manifest, memory-mapped index and embeddings) on `--queries` train chunks (e.g. 20480) of each prepared dataset, in
-blocks of 1,024 spread evenly over the split, each dataset in a fresh process, alternating `--repeats` times; it
-prints seconds per 1,000 queries and the peak private memory (RssAnon) of each, and their ratio.
+from the manifest, memory-mapped index and embeddings) on `--queries` train chunks (e.g. 20480) of each prepared
+dataset, in blocks of 1,024 spread evenly over the split, each dataset in a fresh process, alternating `--repeats`
+times; it prints seconds per 1,000 queries and the peak private memory (RssAnon) of each, and their ratio.
 
 `--static N` compares the static embedder with MiniLM on N real chunks of 48 words (about one 64-token LM chunk):
 chunks/s of each on one thread (OMP/MKL/RAYON_NUM_THREADS=1 and torch.set_num_threads(1); MiniLM on its first 256

@@ -134,7 +134,7 @@ def test_static_embeddings_reach_the_recall_target_scanning_few_lists(tmp_path):
     shares = {}
     for name in ("minilm-static", "hash-256"):
         root = tmp_path / name
-        x = dataset(root, get_embedder(name).embed(chunks).astype(np.float16))
+        dataset(root, get_embedder(name).embed(chunks).astype(np.float16))
         _, facts = run_stage(root, index_factory=f"IVF{nlist}_HNSW{HNSW_M},Flat", index_recall=0.9)
         assert facts["recall_at_10"] >= 0.9 and facts["recall_queries"] == 1000
         shares[name] = facts["nprobe"] / nlist
@@ -183,7 +183,8 @@ def mapped_shared(path: Path) -> bool:
     return any(line.endswith(str(path)) and line.split()[1][3] == "s" for line in maps)
 
 
-@pytest.mark.parametrize("num_vectors,memory_mb,expected", [(3_000, 2048, "Flat"), (EXACT_MAX, 2048, "IVF512_HNSW32,Flat"),
+@pytest.mark.parametrize("num_vectors,memory_mb,expected", [(3_000, 2048, "Flat"),
+                                                             (EXACT_MAX, 2048, "IVF512_HNSW32,Flat"),
                                                              (EXACT_MAX, 32, "IVF512_HNSW32,SQ8"),
                                                              (EXACT_MAX, 16, "IVF512_HNSW32,PQ32")])
 def test_mmap_load_equals_normal_load_for_every_auto_index(tmp_path, text_embeddings, num_vectors, memory_mb,

