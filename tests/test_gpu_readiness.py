@@ -263,3 +263,22 @@ def test_fp16_loss_scale_is_read_from_every_deepspeed_optimizer():
     from retro_dist.train.trainer import loss_scale
     assert loss_scale(SimpleNamespace(loss_scale_config=SimpleNamespace(cur_scale=512.0))) == 512.0
     assert loss_scale(SimpleNamespace(cur_scale=1024.0)) == 1024.0
+
+
+# a world-size change waits on the file system, not in a collective ------------------------------------------------
+
+def test_ranks_wait_for_the_universal_conversion_without_a_collective(tmp_path):
+    import threading
+
+    from retro_dist.train.checkpoint import wait_for_conversion
+    done, failed = tmp_path / "step_universal" / "meta.json", tmp_path / "step_universal.failed"
+    timer = threading.Timer(1.5, lambda: (done.parent.mkdir(), done.write_text("{}")))
+    timer.start()
+    wait_for_conversion(done, failed, budget_s=30)  # returns once rank 0's completion mark appears
+    done.unlink()
+    failed.write_text("could not convert step to a universal checkpoint (disk full)")
+    with pytest.raises(ValueError, match="disk full"):  # rank 0's one line, on every rank
+        wait_for_conversion(done, failed, budget_s=30)
+    failed.unlink()
+    with pytest.raises(ValueError, match="did not finish converting"):
+        wait_for_conversion(done, failed, budget_s=0.5)
