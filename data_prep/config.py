@@ -30,7 +30,7 @@ class PrepareConfig:
     doc_align: str = "none"
     """`none`: documents are joined end to end; `chunk`: each document starts a new chunk (its last chunk is filled
     with pad, which the loss ignores), so text shared by the starts of two documents gives chunks and continuations
-    that line up token for token, which a small model learns to copy (README, Retrieval that is read)."""
+    that line up token for token, which a small model learns to copy (docs/reading-neighbors.md)."""
     val_fraction: float = 0.02
     """Share of documents in the validation split, chosen by a stable hash of each document's text."""
     num_neighbors: int = 2

@@ -35,11 +35,11 @@ from retro_dist.dist import free_port
 PACKAGE = Path(__file__).resolve().parent
 CONFIG = PACKAGE / "configs" / "demo.yaml"
 LAUNCHER = PACKAGE / "launch" / "local.sh"
-# the corpus: these packages of the standard library's source (README, The demo, for why code and these three)
+# the corpus: these packages of the standard library's source (docs/demo.md says why code, and these three)
 PACKAGES = ("encodings", "email", "asyncio")
 # hash-256: a lexical embedder, the right kind for code whose neighbors are near-copies (and seconds, not minutes);
-# --doc-align chunk: files that start alike give neighbors that line up with what follows (README, Retrieval that
-# is read); 15% of the files for validation, so that it holds a few hundred samples
+# --doc-align chunk: files that start alike give neighbors that line up with what follows (docs/reading-neighbors.md);
+# 15% of the files for validation, so that it holds a few hundred samples
 PREPARE = ["--vocab-size", "8000", "--seq-len", "512", "--embedder", "hash-256", "--val-fraction", "0.15",
            "--doc-align", "chunk"]
 PROMPT = "def getregentry():\n    return codecs.CodecInfo(\n"
@@ -234,12 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  TensorBoard      tensorboard --logdir {run_dir / 'tensorboard'}")
     print(f"  the dataset      {dataset}/manifest.json (counts, stage timings, fingerprints)")
     print("  your own run     launch/local.sh --config retro_dist/configs/demo.yaml --data.dataset=DIR "
-          "--run_dir=DIR   (README: Training)")
+          "--run_dir=DIR   (docs/training.md)")
     print("  more machines    launch/hostfile.sh (multi-node), sbatch launch/slurm/train.sbatch, launch/mpirun.sh")
     print("\ntimes: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f"; total {total / 60:.1f} min")
     if gain < TARGET:  # said plainly, not hidden in an exit status: every step of the demo did run
         print(f"demo: true neighbors lowered validation perplexity by {gain:.1%} against random neighbors, below the "
-              f"{TARGET:.0%} target (README, The demo, says why)")
+              f"{TARGET:.0%} target (docs/demo.md says why)")
     return 0
 
 

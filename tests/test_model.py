@@ -91,7 +91,7 @@ def test_defaults_are_retro_pytorchs(retro_pytorch):
     import inspect
     params = inspect.signature(retro_pytorch.RETRO.__init__).parameters
     ours = RetroConfig().to_dict()
-    assert ours.pop("cca_positions") == "aligned"  # ours alone: RETRO-pytorch's positions stop copying (README)
+    assert ours.pop("cca_positions") == "aligned"  # ours alone: RETRO-pytorch's positions stop copying (docs/reading-neighbors.md)
     for name, value in ours.items():
         expected = params[name].default
         assert value == (list(expected) if isinstance(expected, tuple) else expected), name
