@@ -42,7 +42,8 @@ EOS_NAMES = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<|eos|>", "[S
 # without offsets) are most of this stage's memory, and a byte-level BPE gives at most one token per byte: a budget
 # in bytes bounds them whatever the text (in characters, dense text such as code or CJK held 1.5-3x more tokens)
 BATCH_BYTES = 1 << 20
-PIECE_CHARS = 1 << 17  # longer documents are encoded in pieces of about this many characters
+PIECE_CHARS = 1 << 17  # longer documents are encoded in pieces of at least this many characters, cut between words
+PIECE_LIMIT = 1 << 20  # a piece with no place between words to cut it is cut here anyway (tokens may then differ)
 # a single space or newline between two letters/digits: no byte-level BPE pre-token crosses it, so cutting a
 # document there and encoding the pieces apart gives the same tokens as encoding it whole
 _SAFE_CUT = re.compile(r"(?<=[^\W_])[ \n](?=[^\W_])")
@@ -83,11 +84,13 @@ def special_ids(tokenizer, source: str) -> tuple[int, int]:
 # encoding ---------------------------------------------------------------------------------------------------------
 
 def _pieces(text: str) -> list[str]:
-    """`text` cut at safe places into pieces of about PIECE_CHARS (one piece when shorter)."""
+    """`text` cut at safe places into pieces of PIECE_CHARS to PIECE_LIMIT characters (one piece when shorter)."""
     pieces, start = [], 0
     while len(text) - start > PIECE_CHARS:
-        cut = _SAFE_CUT.search(text, start + PIECE_CHARS, start + 2 * PIECE_CHARS)
-        end = cut.start() if cut else start + PIECE_CHARS  # no space between words for 1M characters: cut anyway
+        cut = _SAFE_CUT.search(text, start + PIECE_CHARS, start + PIECE_LIMIT)
+        if cut is None and len(text) - start <= PIECE_LIMIT:
+            break  # no safe place (code without spaces between words, CJK): the rest whole
+        end = cut.start() if cut else start + PIECE_LIMIT  # no space between words for 1M characters: cut anyway
         pieces.append(text[start:end])
         start = end
     pieces.append(text[start:])
