@@ -3,8 +3,8 @@
   1. data_prep on source code of Python's own standard library (three packages, 2.3 MB), whose files repeat each
      other (the `encodings` codecs are a family of generated modules), with documents aligned to chunks;
   2. training on one process per GPU (2 processes on a CPU) under the deepspeed launcher launch/local.sh (ZeRO 2,
-     activation checkpointing, bf16 where the hardware has it, TensorBoard, checkpoints; CPU ranks start with
-     MALLOC_MMAP_THRESHOLD_=65536, launch/env.sh), with the run config retro_dist/configs/demo.yaml;
+     activation checkpointing, the precision that is fast on this hardware, TensorBoard, checkpoints; CPU ranks keep
+     glibc's malloc speed, see train()), with the run config retro_dist/configs/demo.yaml;
   3. export of the consolidated model;
   4. validation perplexity with true neighbors, random neighbors and retrieval off, and by neighbor overlap;
   5. a generated continuation, with the neighbors retrieved for each chunk;
@@ -97,6 +97,10 @@ def train(dataset: Path, run_dir: Path, *, nproc: int, steps: int | None) -> Non
         args.append(f"--train.steps={steps}")
     # RETRO_VENV: the launcher's own default (a .venv beside it) does not hold for an installed package
     env = {"NPROC": str(nproc), "MASTER_PORT": str(free_port()), "RETRO_VENV": sys.prefix}
+    # the launchers' 64 KiB mmap threshold saves CPU ranks memory at a CPU-time cost (the demo's ranks: 1.2 -> 0.8 GB
+    # peak each, but 17 -> 32 s per step); the demo's model is small, so its ranks keep glibc's speed (32 MiB behaves
+    # like glibc's dynamic default) unless the user sets a threshold
+    env["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_", "33554432")
     _run(["bash", str(LAUNCHER), *args], env=env, shown=f"NPROC={nproc} launch/local.sh {shlex.join(args)}")
 
 

@@ -172,7 +172,7 @@ def test_gpu_ranks_get_nccl_settings(script, tmp_path):
     assert env["NCCL_DEBUG"] == "INFO" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"  # the user's values win
 
 
-def test_demo_ranks_return_freed_memory(tmp_path, monkeypatch):
+def test_demo_ranks_keep_glibc_malloc_speed(tmp_path, monkeypatch):
     """The demo's training step, as it calls launch/local.sh, on a CPU node."""
     from retro_dist import demo
 
@@ -185,7 +185,8 @@ def test_demo_ranks_return_freed_memory(tmp_path, monkeypatch):
                                           "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     call = fakes.call("deepspeed")
-    assert call["argv"][:2] == ["--num_gpus", "2"] and call["env"]["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    # the demo's small model keeps glibc's malloc speed; other CPU runs through the launchers get 64 KiB
+    assert call["argv"][:2] == ["--num_gpus", "2"] and call["env"]["MALLOC_MMAP_THRESHOLD_"] == "33554432"
 
 
 def test_demo_default_processes_are_the_gpus(monkeypatch):
