@@ -24,16 +24,14 @@ class Segment:
     def __init__(self, parts: Path, block: int, source: str, lo: int, hi: int):
         self.parts, self.block, self.source, self.lo, self.hi = parts, block, source, lo, hi
         self.start = self.base = 0
-        self._ends: np.ndarray | None = None
 
     def _lengths(self) -> np.ndarray:
         return load_npy(self.parts / f"{self.block:06d}.{self.source}.lengths.npy", mmap=False)
 
     def ends(self) -> np.ndarray:
-        """Exclusive end offset of each document, relative to the segment's first token."""
-        if self._ends is None:
-            self._ends = np.cumsum(self._lengths()[self.lo:self.hi])
-        return self._ends
+        """Exclusive end offset of each document, relative to the segment's first token; read when asked, not kept
+        (every segment's ends held for the whole run would grow with the corpus: 8 bytes per document)."""
+        return np.cumsum(self._lengths()[self.lo:self.hi])
 
     def token_range(self) -> tuple[int, int]:
         """[first, last) token of this segment inside its part's token array."""
@@ -42,7 +40,7 @@ class Segment:
 
     @property
     def tokens(self) -> int:
-        return int(self.ends()[-1]) if self.hi > self.lo else 0
+        return int(self._lengths()[self.lo:self.hi].sum())
 
 
 def place_segments(stats: list[dict[str, Any]], parts: Path, val_fraction: float) -> dict[str, list[Segment]]:
