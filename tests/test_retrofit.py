@@ -117,3 +117,12 @@ def test_bad_input_is_one_line(tmp_path, base_dir):
         read_base_config(tmp_path / "bert")
     with pytest.raises(RetrofitError, match=r"within 1..4 \(the base .* has 4 layers\)"):
         _model(base_dir, cca_layers=(2, 7))
+
+
+def test_check_inputs_as_retro(base_dir):
+    """The host-side range check a GPU step runs on the CPU batch before the copy, as for RETRO."""
+    model = _model(base_dir)
+    seq, true = _batch(model.config.num_tokens)
+    model.check_inputs(seq, true)
+    with pytest.raises(ValueError, match="retrieved"):
+        model.check_inputs(seq, true + model.config.num_tokens)

@@ -208,6 +208,7 @@ class RetrofitRETRO(nn.Module):
         self.set_base_trainable(not settings.freeze_base)
 
     # RETRO's input checks and retrieval tables read only `config` and `rotary`, which this model has too
+    check_inputs = RETRO.check_inputs
     _check_tokens = RETRO._check_tokens
     _check_retrieved = RETRO._check_retrieved
     _retrieval_inputs = RETRO._retrieval_inputs
