@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_cli(args: argparse.Namespace, stages: list[str]) -> int:
     try:
         run(args, stages)
-    except (DatasetError, ValueError, FileNotFoundError, PrepError) as e:
+    except (DatasetError, ValueError, FileNotFoundError, PrepError, LockHeld) as e:
         # one line, always, in one write: under mpirun the ranks' lines must not interleave
         sys.stderr.write(f"retro-dist prepare: error: {' '.join(str(e).split())}\n")
         sys.stderr.flush()

@@ -198,9 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="an exported model directory")
     gen.add_argument("--dataset", required=True, help="the dataset (index, database, embedder) to retrieve from")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=at_least(0), default=64)
+    gen.add_argument("--max-new-tokens", type=int, default=64)  # sampling settings: check_sampling's lines
     gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy; sampling above 0")
-    gen.add_argument("--top-k", type=at_least(0), default=0, help="sample among the K likeliest tokens; 0 means no filter")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens; 0 means no filter")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 means no filter")
     add_option(gen, "--num-neighbors", "--neighbors", type=at_least(1), default=None,
                help="neighbors per chunk (default: the dataset's)")

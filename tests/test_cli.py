@@ -81,7 +81,7 @@ def test_arch_keys_of_the_dataset_are_refused_in_one_line(tmp_path):
     (["eval", "--micro-batch", "-1"], "argument --micro-batch: must be at least 1, got -1"),
     (["eval", "--max-samples", "-5"], "argument --max-samples: must be at least 0, got -5"),
     (["eval", "--num-neighbors", "0"], "argument --num-neighbors: must be at least 1, got 0"),
-    (["generate", "--prompt", "x", "--max-new-tokens", "-1"], "argument --max-new-tokens: must be at least 0"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "-1"], "max_new_tokens=-1 must be 0 or more"),
     (["neighbors", "--sample", "-2"], "argument --sample: must be at least 0, got -2"),
     (["export", "RUN", "--step", "-1"], "argument --step: must be at least 0, got -1"),
 ])
