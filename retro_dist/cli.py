@@ -243,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:  # its own parser: free-form --section.key=value overrides
         from retro_dist.train.main import main as train_main
         return train_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad option (its one line is printed): the code, as the commands return it
+        return e.code if isinstance(e.code, int) else 2
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
