@@ -24,7 +24,7 @@ from retro_dist import RETRO
 from retro_dist.convert import config_from_retro_pytorch, from_retro_pytorch
 
 PRESETS = {
-    # the reference config of issue 2: batch 2 x 2048 tokens, 2 neighbors x 128 tokens
+    # the reference config: batch 2 x 2048 tokens, 2 neighbors x 128 tokens
     "reference": dict(kwargs=dict(num_tokens=32000, max_seq_len=2048, enc_dim=256, enc_depth=2, dec_dim=512,
                                   dec_depth=6, dec_cross_attn_layers=(3, 6), heads=8, dim_head=64),
                       batch=2, seq_len=2048, neighbors=2),

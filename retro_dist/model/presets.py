@@ -23,7 +23,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # seconds per step on a 2-core CPU: tests, CI and the demo
     "tiny": dict(enc_dim=64, enc_depth=1, dec_dim=128, dec_depth=2, dec_cross_attn_layers=(2,), heads=4, dim_head=32,
                  enc_cross_attn_layers=NO_ENCODER_CROSS_ATTN),
-    # the benchmark reference of issue 2 (~50M parameters with a 32k vocabulary)
+    # the benchmark reference (~50M parameters with a 32k vocabulary)
     "reference": dict(enc_dim=256, enc_depth=2, dec_dim=512, dec_depth=6, dec_cross_attn_layers=(3, 6), heads=8,
                       dim_head=64, enc_cross_attn_layers=NO_ENCODER_CROSS_ATTN),
     # cluster sizes, RETRO paper-like layouts: cross-attention every 3rd block from the 6th on
