@@ -36,7 +36,7 @@ class PrepareConfig:
     num_neighbors: int = 2
     """Neighbors retrieved per chunk."""
     embedder: str = "minilm"
-    """Chunk embedder: `minilm` (all-MiniLM-L6-v2), `minilm-static` (distilled from it: semantic, ~100x faster on
+    """Chunk embedder: `minilm` (all-MiniLM-L6-v2), `minilm-static` (distilled from it: semantic, ~80x faster on
     CPU) or `hash-<dim>` (fast, lexical, lower quality)."""
     embed_batch: int = 64
     """Chunks per embedder call."""
