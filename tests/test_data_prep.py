@@ -215,6 +215,7 @@ def test_single_stage_and_order(tmp_path, docs):
     assert load_manifest(out)["stages"]["shard"]["done"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill(tmp_path, docs):
     """Kill the embed stage after some blocks: the rerun reuses them and the result equals an uninterrupted run."""
     corpus = write_corpus(tmp_path / "corpus", docs[:60])  # a few hundred chunks through MiniLM

@@ -9,6 +9,8 @@ import pytest
 
 from tests.train_helpers import ROOT, env, tiny_args, tiny_dataset
 
+pytestmark = pytest.mark.slow  # multi-process training runs
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):

@@ -90,6 +90,7 @@ def test_compressed_index_fits_64_bytes_per_chunk(growth, dim):
 
 # ---------------------------------------------------------------- recall on real embeddings
 
+@pytest.mark.slow
 def test_compressed_index_recall_after_tuning(tmp_path, text_embeddings):
     x = dataset(tmp_path, text_embeddings)
     counts, facts = run_stage(tmp_path, index_memory_mb=16)  # 108k full vectors would take 106 MB: compress
@@ -257,6 +258,7 @@ def run_ranks(root: Path, size: int, **options) -> list[tuple[dict, dict]]:
 OPTIONS = {"index_factory": "IVF128_HNSW32,PQ32", "block_size": 3_000, "index_recall": 0.6}
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank_and_one_process(tmp_path, text_embeddings):
     x = dataset(tmp_path / "one", text_embeddings[:20_000])
     dataset(tmp_path / "two", text_embeddings[:20_000])
@@ -313,6 +315,7 @@ if world.is_main:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 def test_mpirun_two_ranks_equal_one(tmp_path, text_embeddings):
     dataset(tmp_path / "one", text_embeddings[:20_000])

@@ -18,6 +18,8 @@ import torch
 
 from tests.train_helpers import ROOT, env, losses, tiny_args, tiny_dataset, train
 
+pytestmark = pytest.mark.slow  # multi-process training runs
+
 CCA = "[2,4]"
 
 

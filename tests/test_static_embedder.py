@@ -87,6 +87,7 @@ def test_two_processes_offline_give_identical_vectors(static):
         assert json.loads(result.stdout.splitlines()[-1])["vectors"] == want
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 def test_mpi_ranks_build_one_table_identical_to_the_cached_one(static, tmp_path):
     """Two ranks start on an empty cache: one distils the table while the other waits on its lock, and the fresh
