@@ -167,14 +167,7 @@ class RETRO(nn.Module):
 
     def forward(self, seq: Tensor, retrieved: Tensor | None = None, return_loss: bool = False) -> Tensor:
         c = self.config
-        self._check_tokens("seq", seq)
-        if seq.ndim != 2:
-            raise ValueError(f"seq must be [batch, length], got shape {tuple(seq.shape)}")
-        labels = None
-        if return_loss:
-            if seq.shape[1] < 2:
-                raise ValueError("return_loss needs seq of length >= 2 (inputs seq[:, :-1], labels seq[:, 1:])")
-            seq, labels = seq[:, :-1], seq[:, 1:]
+        seq, labels = self._inputs_and_labels(seq, return_loss)
         b, n = seq.shape
         if n > c.max_seq_len:
             raise ValueError(f"sequence length {n} exceeds max_seq_len={c.max_seq_len}"
@@ -282,6 +275,17 @@ class RETRO(nn.Module):
             if t is not None:
                 _check_dtype(name, t)
                 _check_range(name, t, self.config.num_tokens)
+
+    def _inputs_and_labels(self, seq: Tensor, return_loss: bool) -> tuple[Tensor, Tensor | None]:
+        """`seq` checked; with return_loss, inputs seq[:, :-1] and labels seq[:, 1:], else (seq, None)."""
+        self._check_tokens("seq", seq)
+        if seq.ndim != 2:
+            raise ValueError(f"seq must be [batch, length], got shape {tuple(seq.shape)}")
+        if not return_loss:
+            return seq, None
+        if seq.shape[1] < 2:
+            raise ValueError("return_loss needs seq of length >= 2 (inputs seq[:, :-1], labels seq[:, 1:])")
+        return seq[:, :-1], seq[:, 1:]
 
     def _check_tokens(self, name: str, t: Tensor) -> None:
         _check_dtype(name, t)

@@ -210,6 +210,7 @@ class RetrofitRETRO(nn.Module):
     # RETRO's input checks and retrieval tables read only `config` and `rotary`, which this model has too
     check_inputs = RETRO.check_inputs
     _check_tokens = RETRO._check_tokens
+    _inputs_and_labels = RETRO._inputs_and_labels
     _check_retrieved = RETRO._check_retrieved
     _retrieval_inputs = RETRO._retrieval_inputs
 
@@ -268,14 +269,7 @@ class RetrofitRETRO(nn.Module):
 
     def forward(self, seq: Tensor, retrieved: Tensor | None = None, return_loss: bool = False) -> Tensor:
         c = self.config
-        self._check_tokens("seq", seq)
-        if seq.ndim != 2:
-            raise ValueError(f"seq must be [batch, length], got shape {tuple(seq.shape)}")
-        labels = None
-        if return_loss:
-            if seq.shape[1] < 2:
-                raise ValueError("return_loss needs seq of length >= 2 (inputs seq[:, :-1], labels seq[:, 1:])")
-            seq, labels = seq[:, :-1], seq[:, 1:]
+        seq, labels = self._inputs_and_labels(seq, return_loss)
         b, n = seq.shape
         state = _Pass(None, None)
         if retrieved is not None:
