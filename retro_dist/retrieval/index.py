@@ -28,6 +28,8 @@ EXACT_MAX = 2**16
 ROWS_PER_LIST = 128  # IVF lists of a fixed size: a query scanning nprobe lists costs the same at any corpus size
 NLIST_MAX = 2**18  # Megatron's list count for ~67M chunks; past NLIST_MAX * ROWS_PER_LIST (~33M chunks) lists grow
 TRAIN_MAX = 2**21  # at most this many rows (2 GB as float32 at 256 dims) train the centroids, however many lists
+TWO_LEVEL_MIN = 1024  # from this many lists on, an HNSW-quantized IVF trains its centroids in two levels
+KMEANS_ITERATIONS = 10  # faiss's own count for IVF centroids
 HNSW_M = 32  # links per centroid of the coarse quantizer: a query finds its nprobe lists in ~log(nlist) steps
 QUANTIZER_EF = 64  # the coarse quantizer's beam: its nearest list is the exact one for nearly every vector
 MAX_BYTES_PER_CHUNK = 64  # a compressed index's budget per vector, its 8-byte id included
@@ -184,10 +186,56 @@ def train_index(embeddings: np.ndarray, factory: str, *, train_size: int = TRAIN
             # (measured 0.808 vs 0.810 on hash-256 text embeddings)
             pq.pq.cp.max_points_per_centroid = 64
         with _graph_threads(index):
+            if _hnsw_quantizer(index) is not None and ivf.nlist >= TWO_LEVEL_MIN:
+                quantizer = _hnsw_quantizer(index)
+                quantizer.add(two_level_centroids(train, ivf.nlist, seed=seed))
+                ivf.is_trained = True  # faiss then trains only the encoder (SQ ranges, PQ codebooks), if any
             index.train(train)
         del train
     _set_search_defaults(index)
     return index
+
+
+def two_level_centroids(x: np.ndarray, nlist: int, *, seed: int = 0) -> np.ndarray:
+    """nlist k-means centroids of the rows of `x` (float32 [n, d]) for an inner-product IVF, found in two levels:
+    sqrt(nlist) coarse clusters, then each coarse cluster split into a share of the lists proportional to its rows.
+
+    One k-means over all lists costs rows x nlist per iteration, and the rows grow with nlist (39 per list), so it
+    grows as the square of the corpus: on one core, 93 s per iteration for 200k rows into 22,248 lists (a 150M-token
+    corpus), with faiss's flat or HNSW assignment alike. Two levels cost rows x 2 sqrt(nlist) per iteration, a
+    growth of n^1.5: the whole training took 5 s at 1,828 lists and 105 s at 22,248 on one core. Assignment is by
+    inner product, as the index searches; one thread and seeded initialisation make the centroids the same bytes
+    on every run.
+    """
+    n, dim = x.shape
+    if n < nlist:
+        raise ValueError(f"{nlist} lists need at least {nlist} training rows, got {n}")
+    coarse_count = max(1, math.isqrt(nlist))
+
+    def kmeans(rows: np.ndarray, k: int, salt: int) -> np.ndarray:
+        clustering = faiss.Clustering(dim, k)
+        clustering.niter, clustering.seed = KMEANS_ITERATIONS, seed * 1_000_003 + salt
+        clustering.max_points_per_centroid = 2**31 - 1  # every row: the sample is already bounded
+        clustering.min_points_per_centroid = 1  # a coarse cluster may hold under 39 rows per list: no warning
+        clustering.train(rows, faiss.IndexFlatIP(dim))
+        return faiss.vector_float_to_array(clustering.centroids).reshape(k, dim)
+
+    coarse = faiss.IndexFlatIP(dim)
+    coarse.add(kmeans(x, coarse_count, 0))
+    assign = coarse.search(x, 1)[1][:, 0]
+    sizes = np.bincount(assign, minlength=coarse_count)
+    # lists per coarse cluster in proportion to its rows (cumulative rounding: they sum to nlist exactly)
+    share = np.diff(np.concatenate([[0], np.cumsum(sizes) * nlist // n]))
+    centroids = []
+    for c in np.flatnonzero(share):
+        rows = x[assign == c]
+        k = int(min(share[c], len(rows)))
+        centroids.append(rows if k == len(rows) else kmeans(rows, k, 1 + int(c)))
+    centroids = np.concatenate(centroids)
+    if len(centroids) < nlist:  # only when a coarse cluster held fewer rows than its share: top up from the rest
+        centroids = np.concatenate([centroids, x[np.random.default_rng(seed).choice(n, nlist - len(centroids),
+                                                                                    replace=False)]])
+    return np.ascontiguousarray(centroids, dtype=np.float32)
 
 
 def _lists(ivf: faiss.IndexIVF, x: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
