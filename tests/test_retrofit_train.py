@@ -243,3 +243,58 @@ def worker(base: str, dataset: str) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     worker(sys.argv[1], sys.argv[2])
+
+
+def _tb_losses(run_dir) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={SCALARS: 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+
+def test_same_curve_at_any_world_size_with_activation_checkpointing(setup, tmp_path):
+    """Unfrozen, global batch 4 of micro-batches of 2: 1 rank accumulating 2 and 2 ranks recomputing every block
+    in backward follow one loss curve."""
+    curves = {}
+    for nproc, extra in ((1, ()), (2, ("--train.activation_checkpointing=every",))):
+        run_dir = tmp_path / f"n{nproc}"
+        result = train(nproc, _args(setup, run_dir, "--train.steps=4", "--train.global_batch=4",
+                                    "--logging.val_every=0", "--model.freeze_base=false", *extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+        curves[nproc] = _tb_losses(run_dir)
+    assert sorted(curves[1]) == [1, 2, 3, 4]
+    for step, loss in curves[1].items():
+        assert curves[2][step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_bf16_retrofit_of_a_base_with_tied_embeddings(setup, tmp_path):
+    """A base whose output layer is its token embedding (tie_word_embeddings, as SmolLM and Llama 3.2 1B), frozen,
+    trained in bf16: it trains, the base's weights come back from export as the base's, tied, and the base part
+    serves the base's logits in transformers."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from retro_dist.retrofit.base import save_random_base
+    from retro_dist.train.export import export
+    from tokenizers import Tokenizer
+
+    base0, dataset = setup
+    tokenizer = Tokenizer.from_file(str(base0 / "tokenizer.json"))
+    base = save_random_base(tmp_path / "tied", family="llama", vocab_size=tokenizer.get_vocab_size(), layers=4,
+                            tokenizer=tokenizer, seed=5, tie_word_embeddings=True)
+    run_dir = tmp_path / "run"
+    result = train(1, tiny_args(dataset, run_dir, f"--model.retrofit={base}", f"--model.retrofit_arch.cca_layers={CCA}",
+                                "--train.steps=6", "--logging.val_every=6", "--train.precision=bf16"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bf16" in result.stdout
+    curve = losses(result.stdout)
+    assert sorted(curve) == list(range(1, 7)) and all(loss == loss for loss in curve.values())
+    out = export(run_dir, tmp_path / "export")
+    served = AutoModelForCausalLM.from_pretrained(str(out / "base")).eval()
+    original = AutoModelForCausalLM.from_pretrained(str(base)).eval()
+    assert served.lm_head.weight.data_ptr() == served.model.embed_tokens.weight.data_ptr()  # still tied
+    for name, tensor in load_file(str(base / "model.safetensors")).items():
+        assert torch.equal(served.state_dict()[name].float(), tensor.float()), name
+    seq = torch.randint(3, 500, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(served(input_ids=seq).logits, original(input_ids=seq).logits)
