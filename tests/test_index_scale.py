@@ -23,8 +23,8 @@ from data_prep.stage import StageContext
 from retro_dist.data.format import Layout, save_npy
 from retro_dist.retrieval import build_index, get_embedder, load_index, save_index, search
 from retro_dist.retrieval.index import (EXACT_MAX, HNSW_M, MAX_BYTES_PER_CHUNK, NLIST_MAX, RERANK_DEPTHS,
-                                        ROWS_PER_LIST, TWO_LEVEL_MIN, default_factory, ivf_nlist, pq_size,
-                                        train_index, two_level_centroids)
+                                        ROWS_PER_LIST, balanced_centroids, default_factory, ivf_nlist, pq_size,
+                                        train_index)
 from tests.mpi_helpers import MPIRUN, mpi_env
 from retro_dist.retrieval.tuning import exact_top_scores, measure_recall, recall_sample, tune_search
 
@@ -143,27 +143,31 @@ def test_static_embeddings_reach_the_recall_target_scanning_few_lists(tmp_path):
     assert shares["minilm-static"] <= 1 / 4 and shares["hash-256"] >= 2 * shares["minilm-static"]
 
 
-def test_two_level_centroids_quantize_as_well_as_one_kmeans_and_repeat_their_bytes(text_embeddings):
-    """The centroids of a many-list IVF come from two small k-means levels instead of one k-means over every list:
-    they are the same bytes on every run and leave the rows as close to their list's centroid as one level does."""
-    nlist = TWO_LEVEL_MIN
-    x = np.ascontiguousarray(text_embeddings[np.random.default_rng(0).choice(len(text_embeddings), 39 * nlist,
-                                                                              replace=False)], dtype=np.float32)
+def test_balanced_centroids_share_the_rows_out_evenly_and_repeat_their_bytes(text_embeddings):
+    """The lists of auto's IVF hold about equal shares of the database: real text has dense regions (licence
+    headers, generated tables) that one k-means over every list covers with a few huge lists, which every query
+    landing there scans. The centroids are unit vectors, the same bytes on every run, and auto's index uses them."""
+    x = np.asarray(text_embeddings, dtype=np.float32)
+    nlist = ivf_nlist(len(x))
 
-    def error(centroids: np.ndarray) -> float:  # mean squared distance to the centroid each row is listed under
+    def own_list(centroids: np.ndarray) -> float:  # rows in a row's own list, averaged over rows
         flat = faiss.IndexFlatIP(x.shape[1])
         flat.add(centroids)
-        return float(((x - centroids[flat.search(x, 1)[1][:, 0]]) ** 2).sum(1).mean())
+        sizes = np.bincount(flat.search(x, 1)[1][:, 0], minlength=len(centroids)).astype(float)
+        return (sizes ** 2).sum() / sizes.sum()
 
-    two = two_level_centroids(x, nlist)
-    assert two.shape == (nlist, x.shape[1]) and two.tobytes() == two_level_centroids(x, nlist).tobytes()
+    balanced = balanced_centroids(x, nlist)
+    assert balanced.shape == (nlist, x.shape[1]) and balanced.tobytes() == balanced_centroids(x, nlist).tobytes()
+    assert np.allclose(np.linalg.norm(balanced, axis=1), 1, atol=1e-5)
     one = faiss.Clustering(x.shape[1], nlist)
     one.niter = 10
     one.train(x, faiss.IndexFlatIP(x.shape[1]))
-    assert error(two) <= 1.05 * error(faiss.vector_float_to_array(one.centroids).reshape(nlist, -1))
+    kmeans = faiss.vector_float_to_array(one.centroids).reshape(nlist, -1)
+    assert own_list(balanced) <= 0.5 * own_list(kmeans)
 
-    index = train_index(text_embeddings, f"IVF{nlist}_HNSW{HNSW_M},SQ8")  # the path auto takes from TWO_LEVEL_MIN
-    assert index.is_trained and faiss.extract_index_ivf(index).quantizer.ntotal == nlist
+    index = train_index(text_embeddings, f"IVF{nlist}_HNSW{HNSW_M},SQ8", train_size=len(x))
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    assert np.array_equal(quantizer.reconstruct_n(0, nlist), balanced)
 
 
 # ---------------------------------------------------------------- search with exact re-ranking
