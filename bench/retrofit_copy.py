@@ -19,7 +19,6 @@ true-neighbor loss falls below the random-neighbor loss; the curves say how fast
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import random
 import sys
