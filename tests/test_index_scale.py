@@ -23,8 +23,8 @@ from data_prep.stage import StageContext
 from retro_dist.data.format import Layout, save_npy
 from retro_dist.retrieval import build_index, get_embedder, load_index, save_index, search
 from retro_dist.retrieval.index import (EXACT_MAX, HNSW_M, MAX_BYTES_PER_CHUNK, NLIST_MAX, RERANK_DEPTHS,
-                                        ROWS_PER_LIST, balanced_centroids, default_factory, ivf_nlist, pq_size,
-                                        train_index)
+                                        RESCORE_VALUES, ROWS_PER_LIST, _rescored_best_k, balanced_centroids,
+                                        default_factory, ivf_nlist, pq_size, train_index)
 from tests.mpi_helpers import MPIRUN, mpi_env
 from retro_dist.retrieval.tuning import exact_top_scores, measure_recall, recall_sample, tune_search
 
@@ -194,6 +194,27 @@ def test_reranked_search_honours_exclusion_and_batching(text_embeddings):
     assert (np.diff(ids, axis=1)[tied] > 0).all()
     with pytest.raises(ValueError, match="vectors must be the index's 20000 stored embeddings"):
         search(index, queries, 10, vectors=x[:10])
+
+
+def test_rescoring_gathers_a_bounded_block_of_embeddings(text_embeddings):
+    """Re-scoring a block of queries' candidates (the neighbors stage: 4,096 queries at re-rank depth 64) reads the
+    embeddings RESCORE_VALUES at a time: the rank's private memory must not grow with the re-rank depth."""
+    gathered = []
+
+    class Recording:  # the stored embeddings, recording the size of every gather
+        shape, dtype = text_embeddings.shape, text_embeddings.dtype
+
+        def __getitem__(self, index):
+            rows = text_embeddings[index]
+            gathered.append(rows.size)
+            return rows
+
+    rng = np.random.default_rng(0)
+    queries = np.asarray(text_embeddings[:4096], np.float32)
+    ids = rng.integers(0, len(text_embeddings), (4096, 64))
+    scores, top = _rescored_best_k(Recording(), queries, ids, 2)
+    assert max(gathered) <= RESCORE_VALUES and sum(gathered) == ids.size * text_embeddings.shape[1]
+    assert np.array_equal((scores, top), _rescored_best_k(text_embeddings, queries, ids, 2))
 
 
 def test_exact_indexes_ignore_vectors(text_embeddings):

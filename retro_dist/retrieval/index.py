@@ -38,6 +38,7 @@ TRAIN_SIZE = 65_536  # 256 rows per PQ centroid, faiss's own cap; raised to 39 p
 MAX_EXTRA = 1024  # at most this many extra candidates per query before falling back to an IDSelector search
 FALLBACK_EFFORTS = (1, 4, 16, 64)  # efSearch / nprobe multipliers tried in turn for a row still short of k
 MARGIN = 16  # candidates kept past k (and re-scored for exact indexes) so float noise cannot change the top k
+RESCORE_VALUES = 2**22  # embedding values gathered at a time to re-score candidates
 RERANK_DEPTHS = (64, 128, 256)  # candidates of a compressed index re-scored exactly, tried in turn at each nprobe
 
 
@@ -383,7 +384,9 @@ def _rescored_best_k(vectors: np.ndarray, queries: np.ndarray, ids: np.ndarray, 
     """`_best_k` with every score recomputed pair by pair, so it cannot depend on the rows batched with it."""
     # faiss's batched BLAS rounds a query's scores differently depending on its position in the batch
     scores = np.empty(ids.shape, np.float32)
-    step = max(1, 2**25 // max(ids.size // max(len(ids), 1) * vectors.shape[1], 1))  # ~128 MB gathered at a time
+    # RESCORE_VALUES gathered at a time (with their float32 copy, ~24 MB from float16): the neighbors stage's private
+    # memory is otherwise dominated by this buffer, and grows with the re-rank depth of a compressed index
+    step = max(1, RESCORE_VALUES // max(ids.size // max(len(ids), 1) * vectors.shape[1], 1))
     for s in range(0, len(ids), step):
         scores[s:s + step] = np.einsum("qd,qcd->qc", queries[s:s + step], vectors[np.maximum(ids[s:s + step], 0)])
     return _best_k(scores, ids, k)
