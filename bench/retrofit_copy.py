@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="1 keeps the lr constant after warmup")
     parser.add_argument("--bases", nargs="*", default=["induction", "control"])
     args = parser.parse_args()
     out = args.out
@@ -115,7 +116,8 @@ def main() -> None:
 
     copy_ds = dataset("copy-misaligned", copy_docs, True)
     common = [f"--data.micro_batch={args.micro_batch}", "--data.num_workers=0", "--train.precision=fp32",
-              "--train.zero_stage=2", f"--optim.lr={args.lr}", "--optim.warmup_steps=30", "--logging.every=50",
+              "--train.zero_stage=2", f"--optim.lr={args.lr}", "--optim.warmup_steps=30",
+              f"--optim.min_lr_ratio={args.min_lr_ratio}", "--logging.every=50",
               "--checkpoint.every=100000"]
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
