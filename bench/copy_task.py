@@ -53,6 +53,16 @@ def curves(run_dir: Path) -> dict[str, dict[int, float]]:
             for tag in ("val/loss", "val/loss_random_neighbors", "val/loss_no_retrieval")}
 
 
+def print_curve(title: str, c: dict[str, dict[int, float]]) -> None:
+    """One validation curve: true / random / off losses per step and the ratio true / random."""
+    print(title)
+    print(f"  {'step':>5s} {'true':>8s} {'random':>8s} {'off':>8s} {'true/random':>12s}")
+    for step in sorted(c["val/loss"]):
+        t, r, o = c["val/loss"][step], c["val/loss_random_neighbors"][step], c["val/loss_no_retrieval"][step]
+        print(f"  {step:5d} {t:8.4f} {r:8.4f} {o:8.4f} {t / r:12.3f}")
+    print(flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["aligned", "misaligned"], default="aligned")
@@ -75,13 +85,7 @@ def main() -> None:
         run_dir = work / ("run-" + "".join(c if c.isalnum() else "-" for c in name))
         seconds = train_arm(dataset, run_dir, ARMS[name], steps=args.steps, val_every=args.val_every)
         results[name] = curves(run_dir)
-        c = results[name]
-        print(f"{name}  ({seconds:.0f} s)")
-        print(f"  {'step':>5s} {'true':>8s} {'random':>8s} {'off':>8s} {'true/random':>12s}")
-        for step in sorted(c["val/loss"]):
-            t, r, o = c["val/loss"][step], c["val/loss_random_neighbors"][step], c["val/loss_no_retrieval"][step]
-            print(f"  {step:5d} {t:8.4f} {r:8.4f} {o:8.4f} {t / r:12.3f}")
-        print(flush=True)
+        print_curve(f"{name}  ({seconds:.0f} s)", results[name])
     print(f"{'arm':45s} {'val loss true':>14s} {'random':>8s} {'off':>8s} {'true/random':>12s}")
     for name, c in results.items():
         last = max(c["val/loss"])

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from copy_task import curves  # noqa: E402
+from copy_task import curves, print_curve  # noqa: E402
 from retrofit import train  # noqa: E402
 
 
@@ -124,7 +124,6 @@ def main() -> None:
     print(f"retrofit copy bench: {cpu}; bases Llama hidden {args.hidden}, {args.layers} layers, vocab 2048; pretraining seq 128, copy task seq 256, "
           f"chunk 64; micro-batch {args.micro_batch}, lr {args.lr}; data prep {time.perf_counter() - t0:.0f} s\n",
           flush=True)
-    results = {}
     for name in args.bases:
         base0 = out / f"base-init-{name}"
         if not (base0 / "config.json").is_file():
@@ -145,13 +144,8 @@ def main() -> None:
                                   "--model.freeze_base=true", f"--train.steps={args.retrofit_steps}",
                                   f"--logging.val_every={args.val_every}", "--logging.val_samples=0"],
                         out / f"retrofit-{name}.log")
-        c = results[name] = curves(run_dir)
-        print(f"{name} base retrofitted, frozen, on the misaligned copy task ({seconds:.0f} s)")
-        print(f"  {'step':>5s} {'true':>8s} {'random':>8s} {'off':>8s} {'true/random':>12s}")
-        for step in sorted(c["val/loss"]):
-            t, r, o = c["val/loss"][step], c["val/loss_random_neighbors"][step], c["val/loss_no_retrieval"][step]
-            print(f"  {step:5d} {t:8.4f} {r:8.4f} {o:8.4f} {t / r:12.3f}")
-        print(flush=True)
+        print_curve(f"{name} base retrofitted, frozen, on the misaligned copy task ({seconds:.0f} s)",
+                    curves(run_dir))
 
 
 if __name__ == "__main__":
