@@ -23,8 +23,9 @@ from data_prep.stage import StageContext
 from retro_dist.data.format import Layout, save_npy
 from retro_dist.retrieval import build_index, get_embedder, load_index, save_index, search
 from retro_dist.retrieval.index import (EXACT_MAX, HNSW_M, MAX_BYTES_PER_CHUNK, NLIST_MAX, RERANK_DEPTHS,
-                                        RESCORE_VALUES, ROWS_PER_LIST, _rescored_best_k, balanced_centroids,
-                                        default_factory, ivf_nlist, pq_size, train_index)
+                                        RESCORE_VALUES, ROWS_PER_LIST, _rescored_best_k, default_factory,
+                                        ivf_nlist, pq_size, train_index)
+from retro_dist.retrieval.centroids import balanced_centroids
 from tests.mpi_helpers import MPIRUN, mpi_env
 from retro_dist.retrieval.tuning import exact_top_scores, measure_recall, recall_sample, tune_search
 
