@@ -18,10 +18,10 @@ def balanced_centroids(x: np.ndarray, nlist: int, *, seed: int = 0) -> np.ndarra
     One k-means over every list places centroids by squared error, not by count: a dense region (near-identical
     code, hash tables, generated lists; cosine >= 0.9 to its mean) gets few centroids and its lists grow with the
     corpus. Measured with minilm-static, 128 rows per list on average: the largest list held 6,680 rows at 15M
-    tokens and 30,937 at 150M, and the rows a query scans at the tuned nprobe grew 5x for 10x the corpus. With
-    lists shared out by count, a row's own list holds 182 rows on average at 15M and 206 at 150M (faiss's k-means:
+    tokens and 30,937 at 186M, and the rows a query scans at the tuned nprobe grew 5x for 12x the corpus. With
+    lists shared out by count, a row's own list holds 182 rows on average at 15M and 206 at 186M (faiss's k-means:
     929 at 15M). Each tree level costs rows x BRANCH per iteration, ~log_BRANCH(nlist) levels: training grows as
-    n log n (36 s for 22,248 lists from 868k rows on one core). Seeded initialisation and one thread make the
+    n log n (36 s of k-means for 22,248 lists from 868k rows on one core). Seeded initialisation and one thread make the
     centroids the same bytes on every run. Rows k-means cannot split (exact duplicates) stay in one list.
     """
     n, dim = x.shape
