@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.train_helpers import ROOT, children, env, tiny_args, tiny_dataset, torchrun_cmd, train
+from tests.train_helpers import ROOT, children, env, tb_losses, tiny_args, tiny_dataset, torchrun_cmd, train
 
 pytestmark = pytest.mark.slow
 GLOBAL = "--train.global_batch=8"
@@ -23,14 +23,6 @@ DROPOUT = [f"--model.arch.{site}_dropout=0.1" for site in ("enc_attn", "enc_ff",
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("elastic"), shard_samples="20")
-
-
-def tb_losses(run_dir) -> dict[int, float]:
-    """Full-precision per-step losses from TensorBoard (the console rounds)."""
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={SCALARS: 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("train/loss")}
 
 
 def run(dataset, run_dir, nproc: int, steps: int, *extra: str) -> dict[int, float]:

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.train_helpers import ROOT, env, losses, tiny_args, tiny_dataset, train
+from tests.train_helpers import ROOT, env, losses, tb_losses, tiny_args, tiny_dataset, train
 
 pytestmark = pytest.mark.slow  # multi-process training runs
 
@@ -245,13 +245,6 @@ if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2])
 
 
-def _tb_losses(run_dir) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={SCALARS: 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("train/loss")}
-
-
 def test_same_curve_at_any_world_size_with_activation_checkpointing(setup, tmp_path):
     """Unfrozen, global batch 4 of micro-batches of 2: 1 rank accumulating 2 and 2 ranks recomputing every block
     in backward follow one loss curve."""
@@ -261,7 +254,7 @@ def test_same_curve_at_any_world_size_with_activation_checkpointing(setup, tmp_p
         result = train(nproc, _args(setup, run_dir, "--train.steps=4", "--train.global_batch=4",
                                     "--logging.val_every=0", "--model.freeze_base=false", *extra))
         assert result.returncode == 0, result.stderr[-3000:]
-        curves[nproc] = _tb_losses(run_dir)
+        curves[nproc] = tb_losses(run_dir)
     assert sorted(curves[1]) == [1, 2, 3, 4]
     for step, loss in curves[1].items():
         assert curves[2][step] == pytest.approx(loss, rel=1e-5), step

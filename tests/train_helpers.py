@@ -42,6 +42,14 @@ def losses(output: str) -> dict[int, float]:
     return {int(step): float(loss) for step, loss in STEP_LOSS.findall(output)}
 
 
+def tb_losses(run_dir) -> dict[int, float]:
+    """Full-precision per-step losses from TensorBoard (the console rounds)."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={SCALARS: 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+
 def tiny_args(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
     return [f"--data.dataset={dataset}", f"--run_dir={run_dir}", "--model.preset=tiny", "--data.micro_batch=2",
             "--data.num_workers=0", "--train.precision=fp32", "--optim.warmup_steps=2", "--optim.lr=3e-3",

@@ -186,8 +186,8 @@ def train_index(embeddings: np.ndarray, factory: str, *, train_size: int = TRAIN
             # (measured 0.808 vs 0.810 on hash-256 text embeddings)
             pq.pq.cp.max_points_per_centroid = 64
         with _graph_threads(index):
-            if _hnsw_quantizer(index) is not None:
-                _hnsw_quantizer(index).add(balanced_centroids(train, ivf.nlist, seed=seed))
+            if (quantizer := _hnsw_quantizer(index)) is not None:
+                quantizer.add(balanced_centroids(train, ivf.nlist, seed=seed))
                 ivf.is_trained = True  # faiss then trains only the encoder (SQ ranges, PQ codebooks), if any
             index.train(train)
         del train
