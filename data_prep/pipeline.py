@@ -14,9 +14,9 @@ import argparse
 import errno
 import os
 import shutil
-import sys
 from pathlib import Path
 
+from retro_dist.console import error_line, stderr_line
 from retro_dist.data.format import STAGES, DatasetError, file_sha256, load_manifest
 from retro_dist.lock import DirectoryLock, LockHeld, hold_directory, pid_alive
 
@@ -129,18 +129,16 @@ def run_cli(args: argparse.Namespace, stages: list[str]) -> int:
     try:
         run(args, stages)
     except (DatasetError, ValueError, FileNotFoundError, PrepError, LockHeld) as e:
-        # one line, always, in one write: under mpirun the ranks' lines must not interleave
-        sys.stderr.write(f"retro-dist prepare: error: {' '.join(str(e).split())}\n")
-        sys.stderr.flush()
+        error_line("retro-dist prepare", e)
         return 2
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            print(f"retro-dist prepare: error: disk full while writing {e.filename or args.out}: free space and "
-                  f"re-run; finished stages and finished blocks are kept", file=sys.stderr)
+            error_line("retro-dist prepare", f"disk full while writing {e.filename or args.out}: free space and "
+                       f"re-run; finished stages and finished blocks are kept")
             return 2
         raise
     except KeyboardInterrupt:
-        print("retro-dist prepare: interrupted; re-run the same command to resume", file=sys.stderr)
+        stderr_line("retro-dist prepare: interrupted; re-run the same command to resume")
         return 130
     return 0
 

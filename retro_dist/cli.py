@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from retro_dist.console import error_line, stderr_line
 from retro_dist.device import CHOICES, resolve_device
 
 
@@ -142,7 +143,7 @@ class Deprecated(argparse.Action):
         super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{parser.prog}: {option_string} is deprecated: use {self.new}", file=sys.stderr)
+        stderr_line(f"{parser.prog}: {option_string} is deprecated: use {self.new}")
         setattr(namespace, self.dest, values)
 
 
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        print(f"retro-dist {args.command}: error: {e}", file=sys.stderr)
+        error_line(f"retro-dist {args.command}", e)
         return 2
     return 0
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retro_dist.console import stderr_line
 from retro_dist.model.presets import PRESETS, check_arch
 
 
@@ -243,7 +243,7 @@ def _renamed(key: str, value: Any, pending: list[tuple[str, Any]]) -> str | None
     if key not in RENAMED:
         return None
     new, how = RENAMED[key]
-    print(f"retro-dist train: {key} is deprecated: use {new} ({how})", file=sys.stderr, flush=True)
+    stderr_line(f"retro-dist train: {key} is deprecated: use {new} ({how})")
     pending.append((key, value))
     return new
 

@@ -113,3 +113,36 @@ def test_config_numbers_are_range_checked():
                          ("--optim.min_lr_ratio=1.5", "optim.min_lr_ratio=1.5 must lie in [0, 1]")):
         with pytest.raises(ValueError, match=re.escape(message)):
             load_run_config(None, ["--data.dataset=d", bad])
+
+
+class _Writes:
+    """A stderr that keeps each write apart."""
+
+    def __init__(self):
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_every_line_for_people_reaches_stderr_in_one_write(monkeypatch, tmp_path):
+    """Every rank of a job prints the same error into one stream, and with PYTHONUNBUFFERED (the launchers set it)
+    each write reaches the stream on its own: a line written as its text and then its newline (print's way)
+    interleaves with another rank's line."""
+    from data_prep.pipeline import main as prepare_main
+    from retro_dist.cli import main as cli_main
+    from retro_dist.config import load_run_config
+
+    stderr = _Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.setattr("retro_dist.train.main._teardown", lambda code: code)  # it ends the process with os._exit
+    assert cli_main(["train", "--data.dataset=d", "stray"]) == 2  # train's error
+    load_run_config(None, ["--data.dataset=d", "--logging.val_batches=3"])  # train's deprecation
+    assert prepare_main(["--input", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    assert cli_main(["eval", "--model", str(tmp_path / "m"), "--dataset", str(tmp_path), "--neighbors", "2"]) == 2
+    assert len(stderr.writes) == 5, stderr.writes
+    assert all(w.endswith("\n") and w.count("\n") == 1 for w in stderr.writes), stderr.writes

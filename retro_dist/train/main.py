@@ -13,6 +13,7 @@ import torch
 
 from retro_dist.atomic import write_text_atomic
 from retro_dist.config import RunConfig, load_run_config
+from retro_dist.console import error_line
 from retro_dist.data.format import DatasetError, load_manifest
 from retro_dist.data.loader import RetroLoader, check_compatible
 from retro_dist.dist import DistInitError
@@ -187,14 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run_config(args.config, overrides)
         code = train(run)
     except (ValueError, FileNotFoundError, DatasetError, DistInitError, LockHeld) as e:
-        print(f"retro-dist train: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        error_line("retro-dist train", e)
         code = 2
     except Exception as e:  # noqa: BLE001 - a crash: full traceback, then a non-zero exit through the same teardown
         if _peer_failed(e):
             # the rank that failed printed its own error; this one only stopped in a collective waiting for it
             import torch.distributed as dist
-            print(f"retro-dist train: error: rank {dist.get_rank()} stopped because another rank failed (see that "
-                  f"rank's error; {type(e).__name__}: {' '.join(str(e).split())[:160]})", file=sys.stderr, flush=True)
+            error_line("retro-dist train", f"rank {dist.get_rank()} stopped because another rank failed (see that "
+                       f"rank's error; {type(e).__name__}: {' '.join(str(e).split())[:160]})")
         else:
             traceback.print_exc()
         code = 1
