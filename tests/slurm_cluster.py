@@ -1,7 +1,9 @@
 """A real SLURM cluster on this machine for tests: munge, slurmctld and two slurmd nodes (node1, node2) on
 loopback, started by hand (no systemd) and torn down in about a second. Configuration: two slurmd on 127.0.0.1 with
 per-node spool dirs, proctrack/linuxproc, task/none, cons_tres, no accounting, MinJobAge=4 (else sbatch --wait
-polls every 8-32 s)."""
+polls every 8-32 s), and timeouts for a loaded 2-core machine: at the defaults (10 s to start a batch script, 10 s
+per message, 60 s for a killed process to go) a slow start is a launch failure, on which slurmctld holds the job
+("launch failed requeued held") and drains the node, and a requeued job never starts again."""
 
 from __future__ import annotations
 
@@ -39,6 +41,10 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 MinJobAge=4
 KillWait=5
+BatchStartTimeout=120
+MessageTimeout=60
+UnkillableStepTimeout=180
+SlurmdTimeout=600
 InactiveLimit=0
 JobRequeue=1
 SchedulerType=sched/backfill
@@ -49,6 +55,40 @@ PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP OverSu
 
 def available() -> bool:
     return all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch", "scontrol"))
+
+
+class Timeline:
+    """A job's state, pending reason and start time, and the nodes' states, kept each time they change."""
+
+    def __init__(self, env: dict[str, str], job: str):
+        self.env, self.job, self.start = env, job, time.monotonic()
+        self.entries: list[str] = []
+
+    def look(self) -> None:
+        job = subprocess.run(["squeue", "-h", "-j", self.job, "-o", "%T %r start=%S"], env=self.env,
+                             capture_output=True, text=True).stdout.strip()
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N:%T"], env=self.env, capture_output=True,
+                               text=True).stdout.split()
+        entry = f"job {self.job} {job or 'gone'}; {' '.join(nodes)}"
+        if not self.entries or self.entries[-1].split("s: ", 1)[1] != entry:
+            self.entries.append(f"{time.monotonic() - self.start:6.1f}s: {entry}")
+
+    def __str__(self) -> str:
+        return "\n".join(self.entries)
+
+
+def diagnose(env: dict[str, str], job: str, timeline: Timeline | None = None) -> str:
+    """What a test prints when a job does not do what it should: the job as slurmctld sees it, the nodes and why any
+    is down or drained, the tails of the daemons' logs, and the job's timeline if one was kept."""
+    state = Path(env["SLURM_CONF"]).parent
+    parts = [f"--- timeline\n{timeline}"] if timeline else []
+    for cmd in (["scontrol", "show", "job", job], ["sinfo", "-N", "-o", "%N %T %E"], ["squeue", "-a"]):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        parts.append(f"$ {' '.join(cmd)}\n{out.stdout}{out.stderr}")
+    for log in [state / "slurmctld.log", *sorted(state.glob("slurmd-*.log"))]:
+        lines = log.read_text(errors="replace").splitlines()[-25:] if log.exists() else []
+        parts.append(f"--- {log.name}\n" + "\n".join(lines))
+    return "\n".join(parts)
 
 
 def _wait(predicate, timeout: float, what: str) -> None:

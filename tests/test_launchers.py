@@ -234,8 +234,10 @@ def test_slurm_signal_checkpoints_requeues_and_resumes(dataset, uninterrupted_lo
             not _job_done(job, cluster_env):
         time.sleep(0.1)
     subprocess.run(["scancel", *scancel, job], env=cluster_env, check=True)
+    timeline = slurm_cluster.Timeline(cluster_env, job)
     deadline = time.monotonic() + 420  # a loaded 2-core box once needed more than 240 s for the requeued job's start
     while time.monotonic() < deadline:
+        timeline.look()
         if _job_done(job, cluster_env) and ("requeueing job" not in log() or "restart 1" in log()):
             break  # finished, or failed without a requeue (a requeued job waits as PENDING)
         if "requeueing job" in log() and "restart 1" not in log():
@@ -247,6 +249,7 @@ def test_slurm_signal_checkpoints_requeues_and_resumes(dataset, uninterrupted_lo
                 subprocess.run(["scancel", job], env=cluster_env, check=True)
                 out = tmp_path / "job-1-node.out"
                 job = submit(1, out)
+                timeline = slurm_cluster.Timeline(cluster_env, job)
                 continue
             # slurmctld holds a requeued job back (BeginTime) for about two minutes: release it now (again until it
             # starts: an update while the job still completes does not hold)
@@ -259,7 +262,10 @@ def test_slurm_signal_checkpoints_requeues_and_resumes(dataset, uninterrupted_lo
     text = log() if tasks == "per-rank" else log().split("restart 1")[-1]
     queue = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=cluster_env, capture_output=True,
                            text=True).stdout.strip()
-    assert tasks == "per-rank" or "restart 1" in log(), f"job {job}: {queue!r}\n" + log()[-3000:]
+    restarted = tasks == "per-rank" or "restart 1" in log()
+    print(f"{tasks}: the job from the signal on\n{timeline}")  # pytest -s shows it
+    # the log first, the cluster's side last: a shortened report keeps its head and its tail
+    assert restarted, log()[-3000:] + f"\njob {job}: {queue!r}\n" + slurm_cluster.diagnose(cluster_env, job, timeline)
     resumed = re.search(r"resumed from step_\d{8} at step (\d+)", text)
     assert resumed and f"step {RESUME_STEPS}/{RESUME_STEPS}" in text, text[-3000:]
     assert f"on {1 if tasks == 'per-rank' else 2} cpu rank(s)" in text, text[-3000:]
