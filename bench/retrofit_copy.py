@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--min-lr-ratio", type=float, default=1.0, help="1 keeps the lr constant after warmup")
     parser.add_argument("--bases", nargs="*", default=["induction", "control"])
+    parser.add_argument("--cca-layers", default=None,
+                        help="decoder layers followed by CCA, e.g. [1] (default: the retrofit's, the last layer here)")
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -139,12 +141,15 @@ def main() -> None:
         first, second = in_context_copy(pre / "export" / "base", tokenizer, vocab)
         print(f"{name} base: pretrained {args.pretrain_steps} steps in {seconds:.0f} s; in-context loss on a "
               f"segment's first occurrence {first:.3f}, on its second {second:.3f}", flush=True)
-        run_dir = out / f"retrofit-{name}"
+        cca = [f"--model.retrofit_arch.cca_layers={args.cca_layers}"] if args.cca_layers else []
+        tag = f"{name}-cca{args.cca_layers.strip('[]').replace(',', '-')}" if args.cca_layers else name
+        run_dir = out / f"retrofit-{tag}-{args.retrofit_steps}"
         seconds = train(run_dir, [*common, f"--data.dataset={copy_ds}", f"--model.retrofit={pre / 'export' / 'base'}",
-                                  "--model.freeze_base=true", f"--train.steps={args.retrofit_steps}",
+                                  "--model.freeze_base=true", f"--train.steps={args.retrofit_steps}", *cca,
                                   f"--logging.val_every={args.val_every}", "--logging.val_samples=0"],
-                        out / f"retrofit-{name}.log")
-        print_curve(f"{name} base retrofitted, frozen, on the misaligned copy task ({seconds:.0f} s)",
+                        out / f"retrofit-{tag}-{args.retrofit_steps}.log")
+        where = f"CCA after layer(s) {args.cca_layers}" if args.cca_layers else "CCA after the last layer"
+        print_curve(f"{name} base retrofitted, frozen, {where}, on the misaligned copy task ({seconds:.0f} s)",
                     curves(run_dir))
 
 
