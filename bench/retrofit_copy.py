@@ -9,7 +9,9 @@ bench pretrains two small Llama bases through our trainer, retrieval off, on the
                    copy in context (measured: its loss on a segment's second occurrence against its first);
   control base     the same steps on documents of fresh random words only (nothing to copy in context);
 
-then retrofits each with its weights frozen (only CCA + the neighbor encoder train) on the misaligned copy task,
+then retrofits each with its weights frozen (only CCA + the neighbor encoder train) on the misaligned copy task
+(--task aligned: documents that fill whole chunks in the base's BPE, so CCA can copy by position: the control
+that a retrofit learns to copy at all),
 validating every --val-every steps with true neighbors, random neighbors and retrieval off. Retrieval helps when the
 true-neighbor loss falls below the random-neighbor loss; the curves say how fast.
 
@@ -52,6 +54,25 @@ def repeat_docs(count: int, vocab: list[str], *, repeat: bool, seed: int) -> lis
     return docs
 
 
+def aligned_docs(tokenizer, vocab: list[str], count: int, *, chunk_size: int = 64, seed: int = 0) -> list[str]:
+    """The aligned copy task in the base's BPE: twins of words that are one token each (after a space; the header
+    one token at the start), 2 chunk_size - 1 tokens, so with its EOS every document fills exactly two chunks and a
+    neighbor's continuation lines up token for token with what follows the chunk (copying by position)."""
+    def tokens(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+    body_words = [w for w in vocab if tokens(" " + w) == 1]
+    headers = [w for w in vocab if tokens(w) == 1][:2]
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(count // 2):
+        body = " ".join(rng.choice(body_words) for _ in range(2 * chunk_size - 2))
+        docs += [f"{headers[0]} {body}", f"{headers[1]} {body}"]
+    rng.shuffle(docs)
+    assert all(tokens(doc) == 2 * chunk_size - 1 for doc in docs), "a word of the aligned task is not one token"
+    return docs
+
+
 def in_context_copy(base: Path, tokenizer, vocab: list[str], *, docs: int = 64, seed: int = 99) -> tuple[float, float]:
     """The base's mean loss on the last 20 tokens of a repeated segment's first and of its second occurrence."""
     import torch
@@ -86,6 +107,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--min-lr-ratio", type=float, default=1.0, help="1 keeps the lr constant after warmup")
     parser.add_argument("--bases", nargs="*", default=["induction", "control"])
+    parser.add_argument("--task", choices=["misaligned", "aligned"], default="misaligned")
     parser.add_argument("--cca-layers", default=None,
                         help="decoder layers followed by CCA, e.g. [1] (default: the retrofit's, the last layer here)")
     args = parser.parse_args()
@@ -100,7 +122,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     vocab = _words(1119)  # the copy task's vocabulary
-    copy_docs = copy_task_docs(3000, aligned=False)
+    copy_docs = copy_task_docs(3000, aligned=False)  # the tokenizer's text, whichever task runs
     pretrain_docs = {name: repeat_docs(12000, vocab, repeat=name == "induction", seed=1) for name in args.bases}
     tok_path = out / "tokenizer.json"
     if not tok_path.is_file():
@@ -116,7 +138,8 @@ def main() -> None:
                             str(seq_len), "--chunk-size", "64", "--val-fraction", "0.05", *options]) == 0
         return ds
 
-    copy_ds = dataset("copy-misaligned", copy_docs, True)
+    task_docs = copy_docs if args.task == "misaligned" else aligned_docs(tokenizer, vocab, 3000)
+    copy_ds = dataset(f"copy-{args.task}", task_docs, True)
     common = [f"--data.micro_batch={args.micro_batch}", "--data.num_workers=0", "--train.precision=fp32",
               "--train.zero_stage=2", f"--optim.lr={args.lr}", "--optim.warmup_steps=30",
               f"--optim.min_lr_ratio={args.min_lr_ratio}", "--logging.every=50",
@@ -143,13 +166,14 @@ def main() -> None:
               f"segment's first occurrence {first:.3f}, on its second {second:.3f}", flush=True)
         cca = [f"--model.retrofit_arch.cca_layers={args.cca_layers}"] if args.cca_layers else []
         tag = f"{name}-cca{args.cca_layers.strip('[]').replace(',', '-')}" if args.cca_layers else name
+        tag += "-aligned" if args.task == "aligned" else ""
         run_dir = out / f"retrofit-{tag}-{args.retrofit_steps}"
         seconds = train(run_dir, [*common, f"--data.dataset={copy_ds}", f"--model.retrofit={pre / 'export' / 'base'}",
                                   "--model.freeze_base=true", f"--train.steps={args.retrofit_steps}", *cca,
                                   f"--logging.val_every={args.val_every}", "--logging.val_samples=0"],
                         out / f"retrofit-{tag}-{args.retrofit_steps}.log")
         where = f"CCA after layer(s) {args.cca_layers}" if args.cca_layers else "CCA after the last layer"
-        print_curve(f"{name} base retrofitted, frozen, {where}, on the misaligned copy task ({seconds:.0f} s)",
+        print_curve(f"{name} base retrofitted, frozen, {where}, on the {args.task} copy task ({seconds:.0f} s)",
                     curves(run_dir))
 
 
