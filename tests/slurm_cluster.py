@@ -63,6 +63,7 @@ class Timeline:
     def __init__(self, env: dict[str, str], job: str):
         self.env, self.job, self.start = env, job, time.monotonic()
         self.entries: list[str] = []
+        self.last = ""
 
     def look(self) -> None:
         job = subprocess.run(["squeue", "-h", "-j", self.job, "-o", "%T %r start=%S"], env=self.env,
@@ -70,8 +71,9 @@ class Timeline:
         nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N:%T"], env=self.env, capture_output=True,
                                text=True).stdout.split()
         entry = f"job {self.job} {job or 'gone'}; {' '.join(nodes)}"
-        if not self.entries or self.entries[-1].split("s: ", 1)[1] != entry:
+        if entry != self.last:
             self.entries.append(f"{time.monotonic() - self.start:6.1f}s: {entry}")
+            self.last = entry
 
     def __str__(self) -> str:
         return "\n".join(self.entries)
