@@ -1,9 +1,8 @@
 """A real SLURM cluster on this machine for tests: munge, slurmctld and two slurmd nodes (node1, node2) on
 loopback, started by hand (no systemd) and torn down in about a second. Configuration: two slurmd on 127.0.0.1 with
 per-node spool dirs, proctrack/linuxproc, task/none, cons_tres, no accounting, MinJobAge=4 (else sbatch --wait
-polls every 8-32 s), and timeouts for a loaded 2-core machine: at the defaults (10 s to start a batch script, 10 s
-per message, 60 s for a killed process to go) a slow start is a launch failure, on which slurmctld holds the job
-("launch failed requeued held") and drains the node, and a requeued job never starts again."""
+polls every 8-32 s), and timeouts with room for a loaded 2-core machine (a batch script's start 120 s, a message
+60 s, a killed process 180 s, a silent slurmd 600 s; the defaults are 10, 10, 60 and 300 s)."""
 
 from __future__ import annotations
 

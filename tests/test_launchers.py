@@ -234,7 +234,7 @@ def test_slurm_signal_checkpoints_requeues_and_resumes(dataset, uninterrupted_lo
             not _job_done(job, cluster_env):
         time.sleep(0.1)
     subprocess.run(["scancel", *scancel, job], env=cluster_env, check=True)
-    timeline = slurm_cluster.Timeline(cluster_env, job)
+    timeline, released = slurm_cluster.Timeline(cluster_env, job), False
     deadline = time.monotonic() + 420  # a loaded 2-core box once needed more than 240 s for the requeued job's start
     while time.monotonic() < deadline:
         timeline.look()
@@ -243,6 +243,8 @@ def test_slurm_signal_checkpoints_requeues_and_resumes(dataset, uninterrupted_lo
         if "requeueing job" in log() and "restart 1" not in log():
             state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=cluster_env, capture_output=True,
                                    text=True).stdout.strip()
+            if not state:
+                break  # the job ended without coming back
             if tasks == "per-rank" and state == "PENDING":
                 # the job comes back on another allocation: 1 node. (scontrol update NumNodes/NumTasks of the
                 # requeued job is accepted, but its batch environment keeps SLURM_NTASKS=2: submit anew)
@@ -251,11 +253,12 @@ def test_slurm_signal_checkpoints_requeues_and_resumes(dataset, uninterrupted_lo
                 job = submit(1, out)
                 timeline = slurm_cluster.Timeline(cluster_env, job)
                 continue
-            # slurmctld holds a requeued job back (BeginTime) for about two minutes: release it now (again until it
-            # starts: an update while the job still completes does not hold)
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster_env,
-                           capture_output=True)
-            time.sleep(1.5)
+            if state == "PENDING" and not released:
+                # slurmctld holds a requeued job back (BeginTime, about two minutes) while its nodes finish killing
+                # the last run: a batch launch before slurmd has reaped it is refused ("Job N already killed, do not
+                # launch batch job") and the job ends for good. Release it once, 30 s on, not at once.
+                released = subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+30"],
+                                          env=cluster_env, capture_output=True).returncode == 0
         time.sleep(0.5)
     first = (tmp_path / "job.out").read_text()
     assert "checkpoint saved, exit code 75" in first and "requeueing job" in first, first[-3000:]
