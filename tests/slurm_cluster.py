@@ -64,7 +64,8 @@ class Timeline:
         self.entries: list[str] = []
         self.last = ""
 
-    def look(self) -> None:
+    def look(self) -> str:
+        """The job's state now ("" once it has left the queue), kept with the rest when anything changed."""
         job = subprocess.run(["squeue", "-h", "-j", self.job, "-o", "%T %r start=%S"], env=self.env,
                              capture_output=True, text=True).stdout.strip()
         nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N:%T"], env=self.env, capture_output=True,
@@ -73,6 +74,7 @@ class Timeline:
         if entry != self.last:
             self.entries.append(f"{time.monotonic() - self.start:6.1f}s: {entry}")
             self.last = entry
+        return job.split(" ", 1)[0]
 
     def __str__(self) -> str:
         return "\n".join(self.entries)

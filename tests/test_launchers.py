@@ -163,9 +163,12 @@ def slurm(tmp_path_factory):
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1"]
 
 
+ENDED = ("", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")  # squeue's state of a job that has ended ("": gone)
+
+
 def _job_done(job: str, cluster_env: dict) -> bool:
     out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=cluster_env, capture_output=True, text=True)
-    return out.stdout.strip() in ("", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    return out.stdout.strip() in ENDED
 
 
 def test_slurm_two_nodes(dataset, local_losses, slurm, tmp_path):
@@ -237,12 +240,10 @@ def test_slurm_signal_checkpoints_requeues_and_resumes(dataset, uninterrupted_lo
     timeline, released = slurm_cluster.Timeline(cluster_env, job), False
     deadline = time.monotonic() + 420  # a loaded 2-core box once needed more than 240 s for the requeued job's start
     while time.monotonic() < deadline:
-        timeline.look()
-        if _job_done(job, cluster_env) and ("requeueing job" not in log() or "restart 1" in log()):
+        state = timeline.look()
+        if state in ENDED and ("requeueing job" not in log() or "restart 1" in log()):
             break  # finished, or failed without a requeue (a requeued job waits as PENDING)
         if "requeueing job" in log() and "restart 1" not in log():
-            state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=cluster_env, capture_output=True,
-                                   text=True).stdout.strip()
             if not state:
                 break  # the job ended without coming back
             if tasks == "per-rank" and state == "PENDING":
@@ -263,12 +264,10 @@ def test_slurm_signal_checkpoints_requeues_and_resumes(dataset, uninterrupted_lo
     first = (tmp_path / "job.out").read_text()
     assert "checkpoint saved, exit code 75" in first and "requeueing job" in first, first[-3000:]
     text = log() if tasks == "per-rank" else log().split("restart 1")[-1]
-    queue = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=cluster_env, capture_output=True,
-                           text=True).stdout.strip()
     restarted = tasks == "per-rank" or "restart 1" in log()
     print(f"{tasks}: the job from the signal on\n{timeline}")  # pytest -s shows it
     # the log first, the cluster's side last: a shortened report keeps its head and its tail
-    assert restarted, log()[-3000:] + f"\njob {job}: {queue!r}\n" + slurm_cluster.diagnose(cluster_env, job, timeline)
+    assert restarted, log()[-3000:] + "\n" + slurm_cluster.diagnose(cluster_env, job, timeline)
     resumed = re.search(r"resumed from step_\d{8} at step (\d+)", text)
     assert resumed and f"step {RESUME_STEPS}/{RESUME_STEPS}" in text, text[-3000:]
     assert f"on {1 if tasks == 'per-rank' else 2} cpu rank(s)" in text, text[-3000:]
