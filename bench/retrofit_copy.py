@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--min-lr-ratio", type=float, default=1.0, help="1 keeps the lr constant after warmup")
     parser.add_argument("--bases", nargs="*", default=["induction", "control"])
     parser.add_argument("--task", choices=["misaligned", "aligned"], default="misaligned")
+    parser.add_argument("--unfrozen", action="store_true", help="retrofit with every weight training")
+    parser.add_argument("--no-neighbor-norm", action="store_true",
+                        help="the encoder reads the neighbors' embeddings at the base's scale")
     parser.add_argument("--cca-layers", default=None,
                         help="decoder layers followed by CCA, e.g. [1] (default: the retrofit's, the last layer here)")
     args = parser.parse_args()
@@ -157,23 +160,32 @@ def main() -> None:
                              intermediate_size=args.hidden * 8 // 3 // 16 * 16, max_positions=256,
                              tokenizer=tokenizer, seed=0)
         pre = out / f"pretrain-{name}"
-        seconds = train(pre, [*common, f"--data.dataset={dataset(name, pretrain_docs[name], False, 128)}",
-                              f"--model.retrofit={base0}", "--model.freeze_base=false", "--data.retrieval=false",
-                              f"--train.steps={args.pretrain_steps}", "--logging.val_every=0",
-                              "--logging.tensorboard=false"], out / f"pretrain-{name}.log")
+        if (pre / "export" / "base" / "config.json").is_file():  # pretrained by an earlier run into --out
+            how = f"pretrained base reused from {pre / 'export' / 'base'}"
+        else:
+            seconds = train(pre, [*common, f"--data.dataset={dataset(name, pretrain_docs[name], False, 128)}",
+                                  f"--model.retrofit={base0}", "--model.freeze_base=false", "--data.retrieval=false",
+                                  f"--train.steps={args.pretrain_steps}", "--logging.val_every=0",
+                                  "--logging.tensorboard=false"], out / f"pretrain-{name}.log")
+            how = f"pretrained {args.pretrain_steps} steps in {seconds:.0f} s"
         first, second = in_context_copy(pre / "export" / "base", tokenizer, vocab)
-        print(f"{name} base: pretrained {args.pretrain_steps} steps in {seconds:.0f} s; in-context loss on a "
-              f"segment's first occurrence {first:.3f}, on its second {second:.3f}", flush=True)
+        print(f"{name} base: {how}; in-context loss on a segment's first occurrence {first:.3f}, on its second "
+              f"{second:.3f}", flush=True)
         cca = [f"--model.retrofit_arch.cca_layers={args.cca_layers}"] if args.cca_layers else []
+        cca += ["--model.retrofit_arch.neighbor_norm=false"] if args.no_neighbor_norm else []
         tag = f"{name}-cca{args.cca_layers.strip('[]').replace(',', '-')}" if args.cca_layers else name
         tag += "-aligned" if args.task == "aligned" else ""
+        tag += "-unfrozen" if args.unfrozen else ""
+        tag += "-nonorm" if args.no_neighbor_norm else ""
         run_dir = out / f"retrofit-{tag}-{args.retrofit_steps}"
         seconds = train(run_dir, [*common, f"--data.dataset={copy_ds}", f"--model.retrofit={pre / 'export' / 'base'}",
-                                  "--model.freeze_base=true", f"--train.steps={args.retrofit_steps}", *cca,
+                                  f"--model.freeze_base={str(not args.unfrozen).lower()}",
+                                  f"--train.steps={args.retrofit_steps}", *cca,
                                   f"--logging.val_every={args.val_every}", "--logging.val_samples=0"],
                         out / f"retrofit-{tag}-{args.retrofit_steps}.log")
         where = f"CCA after layer(s) {args.cca_layers}" if args.cca_layers else "CCA after the last layer"
-        print_curve(f"{name} base retrofitted, frozen, {where}, on the {args.task} copy task ({seconds:.0f} s)",
+        weights = "unfrozen" if args.unfrozen else "frozen"
+        print_curve(f"{name} base retrofitted, {weights}, {where}, on the {args.task} copy task ({seconds:.0f} s)",
                     curves(run_dir))
 
 

@@ -57,6 +57,11 @@ class RetrofitConfig:
     """Train only CCA and the encoder (the paper's recipe); false trains every weight (InstructRetro's)."""
     dropout: float = 0.0
     """Dropout of the new attention and feed-forward layers."""
+    neighbor_norm: bool = True
+    """RMS-normalise the neighbors' token embeddings before the encoder (a new RMSNorm, trained with CCA). A
+    decoder's embeddings are small (Llama initialises them at std 0.02, against 1 for RETRO's own), and at that scale
+    the encoder's residual stream is its blocks' output, a mix of the whole neighbor that drowns which token sits
+    where: the retrofit then barely learns to copy a neighbor by position."""
 
     def __post_init__(self) -> None:
         if self.cca_layers is not None:
@@ -189,6 +194,8 @@ class RetrofitRETRO(nn.Module):
             raise RetrofitError(f"retrofitting supports {', '.join(SUPPORTED_MODEL_TYPES)}, not {model_type!r}")
         self.base, self.retrofit, self.config = base, settings, config
         hidden = base.config.hidden_size
+        self.neighbor_norm = (make_norm(hidden, gated_rmsnorm=False, use_deepnet=False) if settings.neighbor_norm
+                              else nn.Identity())
         self.to_encoder_dim = nn.Linear(hidden, config.enc_dim) if config.enc_dim != hidden else nn.Identity()
         self.encoder = Encoder(config)
         norm = lambda: make_norm(hidden, gated_rmsnorm=False, use_deepnet=False)  # noqa: E731
@@ -290,8 +297,10 @@ class RetrofitRETRO(nn.Module):
         return self.base.get_input_embeddings().weight.dtype
 
     def _embed_neighbors(self, retrieved: Tensor) -> Tensor:
-        """[b, k, r, m] -> [(b k r), m, enc_dim]: the base's token embedding, then the encoder's input projection."""
-        return self.to_encoder_dim(rearrange(self.base.get_input_embeddings()(retrieved), "b k r m e -> (b k r) m e"))
+        """[b, k, r, m] -> [(b k r), m, enc_dim]: the base's token embedding, normalised, then the encoder's input
+        projection."""
+        embedded = self.neighbor_norm(self.base.get_input_embeddings()(retrieved))
+        return self.to_encoder_dim(rearrange(embedded, "b k r m e -> (b k r) m e"))
 
     # incremental decoding ------------------------------------------------------------------------------------------
 
@@ -347,7 +356,9 @@ class RetrofitRETRO(nn.Module):
         from retro_dist.pretrained import load_pretrained
         directory = Path(directory)
         config_dict, state = load_pretrained(directory, device=device)
-        settings = RetrofitConfig.from_dict({**config_dict[RETROFIT_KEY], "base": str(directory / BASE_DIR)})
+        # an export whose settings do not name neighbor_norm was trained without the norm
+        settings = RetrofitConfig.from_dict({"neighbor_norm": False, **config_dict[RETROFIT_KEY],
+                                             "base": str(directory / BASE_DIR)})
         model = cls(load_base(directory / BASE_DIR), settings, RetroConfig.from_dict(config_dict["retro"])).to(device)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("base.")]
