@@ -150,8 +150,10 @@ class Checkpointer:
                                                               load_optimizer_states=True,
                                                               load_lr_scheduler_states=False)
         except RuntimeError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"checkpoint {self.dir / load_tag} does not fit this model ({first}); it was saved by "
+            # torch names the missing and unexpected weights on the lines after its first: one line, cut short
+            detail = " ".join(str(e).split()) or type(e).__name__
+            detail = detail if len(detail) <= 300 else detail[:297] + "..."
+            raise ValueError(f"checkpoint {self.dir / load_tag} does not fit this model ({detail}); it was saved by "
                              f"another model shape: start a new run directory or fix model.*") from None
         if client_state is None:
             raise ValueError(f"checkpoint {self.dir / load_tag} could not be loaded")
