@@ -9,13 +9,15 @@ bench pretrains two small Llama bases through our trainer, retrieval off, on the
                    copy in context (measured: its loss on a segment's second occurrence against its first);
   control base     the same steps on documents of fresh random words only (nothing to copy in context);
 
-then retrofits each with its weights frozen (only CCA + the neighbor encoder train) on the misaligned copy task
-(--task aligned: documents that fill whole chunks in the base's BPE, so CCA can copy by position: the control
-that a retrofit learns to copy at all),
-validating every --val-every steps with true neighbors, random neighbors and retrieval off. Retrieval helps when the
+then retrofits each with its weights frozen (only CCA + the neighbor encoder train; --unfrozen: every weight) on the
+misaligned copy task (--task aligned: documents that fill whole chunks in the base's BPE, so CCA can copy by
+position: the control that a retrofit learns to copy at all), validating every --val-every steps with true neighbors, random neighbors and retrieval off. Retrieval helps when the
 true-neighbor loss falls below the random-neighbor loss; the curves say how fast.
 
     python bench/retrofit_copy.py --out /tmp/retrofit-copy     # ~30 min per base on one CPU core
+
+A base already pretrained into --out is reused, so a second call with other retrofit settings (--task, --unfrozen,
+--cca-layers, --retrofit-steps, --no-neighbor-norm) trains only the retrofit.
 """
 
 from __future__ import annotations
