@@ -11,8 +11,10 @@ bench pretrains two small Llama bases through our trainer, retrieval off, on the
 
 then retrofits each with its weights frozen (only CCA + the neighbor encoder train; --unfrozen: every weight) on the
 misaligned copy task (--task aligned: documents that fill whole chunks in the base's BPE, so CCA can copy by
-position: the control that a retrofit learns to copy at all), validating every --val-every steps with true neighbors, random neighbors and retrieval off. Retrieval helps when the
-true-neighbor loss falls below the random-neighbor loss; the curves say how fast.
+position: the control that a retrofit learns to copy at all), validating every --val-every steps with true
+neighbors, random neighbors and retrieval off. Retrieval helps when the true-neighbor loss falls below the
+random-neighbor loss; the curves say how fast. --scratch adds RETRO's tiny preset trained from scratch on the same
+dataset, the reference (--bases with no names: only that).
 
     python bench/retrofit_copy.py --out /tmp/retrofit-copy     # ~30 min per base on one CPU core
 
@@ -111,6 +113,8 @@ def main() -> None:
     parser.add_argument("--bases", nargs="*", default=["induction", "control"])
     parser.add_argument("--task", choices=["misaligned", "aligned"], default="misaligned")
     parser.add_argument("--unfrozen", action="store_true", help="retrofit with every weight training")
+    parser.add_argument("--scratch", action="store_true",
+                        help="also train RETRO's tiny preset from scratch on the task's dataset (the reference)")
     parser.add_argument("--no-neighbor-norm", action="store_true",
                         help="the encoder reads the neighbors' embeddings at the base's scale")
     parser.add_argument("--cca-layers", default=None,
@@ -151,9 +155,16 @@ def main() -> None:
               "--checkpoint.every=100000"]
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
-    print(f"retrofit copy bench: {cpu}; bases Llama hidden {args.hidden}, {args.layers} layers, vocab 2048; pretraining seq 128, copy task seq 256, "
+    print(f"retrofit copy bench: {cpu}; bases Llama hidden {args.hidden}, {args.layers} layers, vocab 2048; "
+          f"pretraining seq 128, copy task seq 256, "
           f"chunk 64; micro-batch {args.micro_batch}, lr {args.lr}; data prep {time.perf_counter() - t0:.0f} s\n",
           flush=True)
+    if args.scratch:
+        run_dir = out / f"scratch-tiny-{args.task}-{args.retrofit_steps}"
+        seconds = train(run_dir, [*common, f"--data.dataset={copy_ds}", "--model.preset=tiny",
+                                  f"--train.steps={args.retrofit_steps}", f"--logging.val_every={args.val_every}",
+                                  "--logging.val_samples=0"], run_dir.with_suffix(".log"))
+        print_curve(f"RETRO tiny preset from scratch, on the {args.task} copy task ({seconds:.0f} s)", curves(run_dir))
     for name in args.bases:
         base0 = out / f"base-init-{name}"
         if not (base0 / "config.json").is_file():
