@@ -159,11 +159,11 @@ def main() -> None:
           f"pretraining seq 128, copy task seq 256, "
           f"chunk 64; micro-batch {args.micro_batch}, lr {args.lr}; data prep {time.perf_counter() - t0:.0f} s\n",
           flush=True)
+    task = [*common, f"--data.dataset={copy_ds}", f"--train.steps={args.retrofit_steps}",
+            f"--logging.val_every={args.val_every}", "--logging.val_samples=0"]  # every run on the copy task
     if args.scratch:
         run_dir = out / f"scratch-tiny-{args.task}-{args.retrofit_steps}"
-        seconds = train(run_dir, [*common, f"--data.dataset={copy_ds}", "--model.preset=tiny",
-                                  f"--train.steps={args.retrofit_steps}", f"--logging.val_every={args.val_every}",
-                                  "--logging.val_samples=0"], run_dir.with_suffix(".log"))
+        seconds = train(run_dir, [*task, "--model.preset=tiny"], run_dir.with_suffix(".log"))
         print_curve(f"RETRO tiny preset from scratch, on the {args.task} copy task ({seconds:.0f} s)", curves(run_dir))
     for name in args.bases:
         base0 = out / f"base-init-{name}"
@@ -184,18 +184,16 @@ def main() -> None:
         first, second = in_context_copy(pre / "export" / "base", tokenizer, vocab)
         print(f"{name} base: {how}; in-context loss on a segment's first occurrence {first:.3f}, on its second "
               f"{second:.3f}", flush=True)
-        cca = [f"--model.retrofit_arch.cca_layers={args.cca_layers}"] if args.cca_layers else []
-        cca += ["--model.retrofit_arch.neighbor_norm=false"] if args.no_neighbor_norm else []
+        arch = [f"--model.retrofit_arch.cca_layers={args.cca_layers}"] if args.cca_layers else []
+        arch += ["--model.retrofit_arch.neighbor_norm=false"] if args.no_neighbor_norm else []
         tag = f"{name}-cca{args.cca_layers.strip('[]').replace(',', '-')}" if args.cca_layers else name
         tag += "-aligned" if args.task == "aligned" else ""
         tag += "-unfrozen" if args.unfrozen else ""
         tag += "-nonorm" if args.no_neighbor_norm else ""
         run_dir = out / f"retrofit-{tag}-{args.retrofit_steps}"
-        seconds = train(run_dir, [*common, f"--data.dataset={copy_ds}", f"--model.retrofit={pre / 'export' / 'base'}",
-                                  f"--model.freeze_base={str(not args.unfrozen).lower()}",
-                                  f"--train.steps={args.retrofit_steps}", *cca,
-                                  f"--logging.val_every={args.val_every}", "--logging.val_samples=0"],
-                        out / f"retrofit-{tag}-{args.retrofit_steps}.log")
+        seconds = train(run_dir, [*task, f"--model.retrofit={pre / 'export' / 'base'}",
+                                  f"--model.freeze_base={str(not args.unfrozen).lower()}", *arch],
+                        run_dir.with_suffix(".log"))
         where = f"CCA after layer(s) {args.cca_layers}" if args.cca_layers else "CCA after the last layer"
         weights = "unfrozen" if args.unfrozen else "frozen"
         print_curve(f"{name} base retrofitted, {weights}, {where}, on the {args.task} copy task ({seconds:.0f} s)",
